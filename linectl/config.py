@@ -1,0 +1,613 @@
+"""Configuration: line, PLC endpoints, register maps and recipes (pydantic v2, TOML).
+
+Everything plant-specific lives in files under a configuration directory:
+
+    <dir>/line.toml                  line id, PLC endpoints, cycle, geometry, records
+    <dir>/registers/<plc>.toml       register maps (named by line.toml)
+    <dir>/recipes/<name>.toml        recipes
+
+Errors name the file, the field and what is wrong. Environment variables
+`LINECTL_<SECTION>__<KEY>=value` override line.toml settings (see docs/configuration.md).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from linectl.errors import ConfigError
+
+RegisterType = Literal["bits", "int16", "uint16", "int32", "uint32", "float32"]
+WordOrder = Literal["ABCD", "CDAB", "BADC", "DCBA"]
+Table = Literal["holding", "input"]
+Access = Literal["r", "rw"]
+PlcName = Literal["accelerator", "conveyor"]
+
+_WIDTH: dict[str, int] = {
+    "bits": 1,
+    "int16": 1,
+    "uint16": 1,
+    "int32": 2,
+    "uint32": 2,
+    "float32": 2,
+}
+
+ENV_PREFIX = "LINECTL_"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- registers
+
+
+class RegisterField(_Strict):
+    """One named value in a PLC's register map."""
+
+    name: str = ""
+    """Semantic name the controller and simulators use (the TOML key; filled in on load)."""
+    table: Table
+    """`holding` (FC3 read, FC6/16 write) or `input` (FC4, read-only)."""
+    address: Annotated[int, Field(ge=0, le=0xFFFF)]
+    """0-based protocol address of the first register."""
+    type: RegisterType
+    """Wire type; 32-bit types take two registers."""
+    word_order: WordOrder = "ABCD"
+    """Order of the 16-bit words (and bytes) of a 32-bit value; ABCD = high word first."""
+    scale: float = 1.0
+    """Engineering value = raw * scale (e.g. 0.001 for a uA integer read as mA)."""
+    unit: str = ""
+    """Engineering unit after scaling."""
+    access: Access = "r"
+    """`r` read only, `rw` the controller writes it."""
+    min: float | None = None
+    """Lowest value the PLC accepts on write (engineering units)."""
+    max: float | None = None
+    """Highest value the PLC accepts on write (engineering units)."""
+    default: float = 0.0
+    """Value after a PLC restart (holding registers)."""
+    bits: dict[str, Annotated[int, Field(ge=0, le=15)]] = Field(default_factory=dict)
+    """For `bits` fields: bit name -> bit number (0 = least significant)."""
+    counter: bool = False
+    """A free-running totalizer or clock that wraps at its type's range."""
+    description: str = ""
+    """Free text for people."""
+
+    @property
+    def width(self) -> int:
+        """Registers occupied."""
+        return _WIDTH[self.type]
+
+    @property
+    def end(self) -> int:
+        """One past the last register address."""
+        return self.address + self.width
+
+    def bit_index(self, bit_name: str) -> int:
+        """Bit number of a named bit; KeyError names the field if it is unknown."""
+        try:
+            return self.bits[bit_name]
+        except KeyError:
+            raise KeyError(f"{self.name}: no bit named {bit_name!r}") from None
+
+    @model_validator(mode="after")
+    def _check(self) -> RegisterField:
+        if self.scale == 0:
+            raise ValueError("scale must not be 0")
+        if self.table == "input" and self.access != "r":
+            raise ValueError("a field in the input table cannot be writable (access must be 'r')")
+        if self.bits and self.type != "bits":
+            raise ValueError(f"'bits' names are only allowed on type 'bits', not {self.type}")
+        if len(set(self.bits.values())) != len(self.bits):
+            raise ValueError("two bit names share one bit number")
+        if self.counter and self.type not in ("uint16", "uint32"):
+            raise ValueError(f"a counter must be uint16 or uint32, not {self.type}")
+        if self.end > 0x10000:
+            raise ValueError(f"address {self.address} + width {self.width} runs past 65535")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} > max {self.max}")
+        return self
+
+
+# Names the controller and the simulators rely on; a map must define all of them.
+REQUIRED_FIELDS: dict[PlcName, dict[str, tuple[Table, Access, tuple[str, ...]]]] = {
+    "accelerator": {
+        "command": ("holding", "rw", ("HV_ON", "BEAM_ON", "FAULT_RESET")),
+        "beam_current_sp": ("holding", "rw", ()),
+        "energy_sp": ("holding", "rw", ()),
+        "scan_width_sp": ("holding", "rw", ()),
+        "watchdog": ("holding", "rw", ()),
+        "watchdog_timeout": ("holding", "rw", ()),
+        "status": (
+            "input",
+            "r",
+            (
+                "READY",
+                "HV_ON",
+                "BEAM_ON",
+                "VACUUM_OK",
+                "SCAN_OK",
+                "COOLING_OK",
+                "SAFETY_OK",
+                "FAULT",
+                "REMOTE",
+                "WATCHDOG_TRIP",
+            ),
+        ),
+        "beam_current": ("input", "r", ()),
+        "energy": ("input", "r", ()),
+        "scan_width": ("input", "r", ()),
+        "vacuum": ("input", "r", ()),
+        "charge_total": ("input", "r", ()),
+        "fault_code": ("input", "r", ()),
+        "trip_count": ("input", "r", ()),
+        "clock": ("input", "r", ()),
+    },
+    "conveyor": {
+        "command": ("holding", "rw", ("RUN", "FAULT_RESET")),
+        "speed_sp": ("holding", "rw", ()),
+        "watchdog": ("holding", "rw", ()),
+        "watchdog_timeout": ("holding", "rw", ()),
+        "ramp_rate": ("holding", "rw", ()),
+        "status": (
+            "input",
+            "r",
+            (
+                "READY",
+                "RUNNING",
+                "AT_SPEED",
+                "TENSION_OK",
+                "CABLE_BREAK",
+                "FAULT",
+                "REMOTE",
+                "WATCHDOG_TRIP",
+                "ESTOP",
+            ),
+        ),
+        "speed": ("input", "r", ()),
+        "length": ("input", "r", ()),
+        "tension": ("input", "r", ()),
+        "fault_code": ("input", "r", ()),
+        "clock": ("input", "r", ()),
+    },
+}
+
+COUNTER_FIELDS: dict[PlcName, tuple[str, ...]] = {
+    "accelerator": ("charge_total", "trip_count", "clock"),
+    "conveyor": ("length", "clock"),
+}
+
+
+class RegisterMap(_Strict):
+    """A PLC's whole register map, declared once and used by the link and the simulators."""
+
+    plc: PlcName
+    """Which PLC this map describes."""
+    fields: dict[str, RegisterField]
+    """Field name -> definition."""
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        # The TOML key is the field's name; copy it in so a field knows who it is.
+        if isinstance(value, Mapping):
+            return {k: {**v, "name": k} if isinstance(v, Mapping) else v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> RegisterMap:
+        for table in ("holding", "input"):
+            spans = sorted(
+                (f.address, f.end, f.name) for f in self.fields.values() if f.table == table
+            )
+            for (a0, a1, n0), (b0, _b1, n1) in zip(spans, spans[1:], strict=False):
+                if b0 < a1:
+                    raise ValueError(
+                        f"{table} registers overlap: {n0!r} at {a0}..{a1 - 1} "
+                        f"and {n1!r} starting at {b0}"
+                    )
+        for name, (table, access, bits) in REQUIRED_FIELDS[self.plc].items():
+            f = self.fields.get(name)
+            if f is None:
+                raise ValueError(f"required field {name!r} is missing from the {self.plc} map")
+            if f.table != table:
+                raise ValueError(f"field {name!r} must be in the {table} table, not {f.table}")
+            if access == "rw" and f.access != "rw":
+                raise ValueError(f"field {name!r} must be writable (access = 'rw')")
+            missing = [b for b in bits if b not in f.bits]
+            if missing:
+                raise ValueError(f"field {name!r} lacks bit names {missing}")
+        for name in COUNTER_FIELDS[self.plc]:
+            if not self.fields[name].counter:
+                raise ValueError(f"field {name!r} is a free-running counter: set counter = true")
+        return self
+
+    def field(self, name: str) -> RegisterField:
+        """The named field; KeyError names the PLC."""
+        try:
+            return self.fields[name]
+        except KeyError:
+            raise KeyError(f"{self.plc} map has no field {name!r}") from None
+
+    @cached_property
+    def by_table(self) -> dict[Table, list[RegisterField]]:
+        """Fields of each table sorted by address."""
+        out: dict[Table, list[RegisterField]] = {"holding": [], "input": []}
+        for f in sorted(self.fields.values(), key=lambda f: f.address):
+            out[f.table].append(f)
+        return out
+
+
+# --------------------------------------------------------------------------- line
+
+
+class PlcEndpoint(_Strict):
+    """How to reach one PLC."""
+
+    host: str = "127.0.0.1"
+    """Host name or IP address of the PLC's Modbus TCP server."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 502
+    """TCP port."""
+    unit_id: Annotated[int, Field(ge=0, le=255)] = 1
+    """Modbus unit (slave) id."""
+    timeout_s: Annotated[float, Field(gt=0, le=10)] = 0.2
+    """Per-request timeout; the link never waits longer on one request."""
+    connect_timeout_s: Annotated[float, Field(gt=0, le=10)] = 0.5
+    """TCP connect timeout."""
+    reconnect_max_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """Cap of the reconnect backoff."""
+    stale_after_s: Annotated[float, Field(gt=0, le=60)] = 0.25
+    """A value older than this is STALE."""
+    max_gap: Annotated[int, Field(ge=0, le=124)] = 0
+    """Unmapped registers the read planner may read across to join two blocks."""
+    register_map: str
+    """Path of the register map TOML, relative to the configuration directory."""
+
+
+class Geometry(_Strict):
+    """Where the cable crosses the beam, measured along the cable path."""
+
+    passes: Annotated[int, Field(ge=1, le=64)] = 16
+    """How many times the cable crosses the scanned beam."""
+    pass_spacing_m: Annotated[float, Field(gt=0)] = 6.0
+    """Cable path between consecutive passes, m."""
+    first_pass_offset_m: Annotated[float, Field(ge=0)] = 4.0
+    """Cable path from the length counter to pass 0, m."""
+    pass_weights: list[Annotated[float, Field(gt=0, le=1.5)]] | None = None
+    """Per-pass weights from the scan-uniformity map (all 1.0 when not given)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Geometry:
+        if self.pass_weights is not None and len(self.pass_weights) != self.passes:
+            raise ValueError(
+                f"pass_weights has {len(self.pass_weights)} entries for {self.passes} passes"
+            )
+        return self
+
+    @property
+    def weights(self) -> list[float]:
+        """Weight of each pass."""
+        return list(self.pass_weights) if self.pass_weights else [1.0] * self.passes
+
+    @property
+    def weight_sum(self) -> float:
+        """sum(w_k)."""
+        return sum(self.weights)
+
+    def offset_m(self, k: int) -> float:
+        """Cable path from the counter to pass k."""
+        return self.first_pass_offset_m + k * self.pass_spacing_m
+
+    @property
+    def last_pass_offset_m(self) -> float:
+        """Cable path from the counter to the last pass."""
+        return self.offset_m(self.passes - 1)
+
+
+class Records(_Strict):
+    """Where records go."""
+
+    path: str = "records/linectl.sqlite"
+    """SQLite database path, relative to the configuration directory unless absolute."""
+
+
+class LineConfig(_Strict):
+    """One irradiation line: identity, PLCs, cycle, geometry, records."""
+
+    line_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    """Line identifier (used in MQTT topics and records)."""
+    cycle_period_s: Annotated[float, Field(ge=0.005, le=1.0)] = 0.05
+    """Control cycle period."""
+    accelerator: PlcEndpoint
+    """The accelerator PLC."""
+    conveyor: PlcEndpoint
+    """The conveyor PLC."""
+    geometry: Geometry = Field(default_factory=Geometry)
+    """Pass geometry."""
+    records: Records = Field(default_factory=Records)
+    """Record store."""
+    recipes_dir: str = "recipes"
+    """Directory of recipe files, relative to the configuration directory."""
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+class Recipe(_Strict):
+    """A validated product recipe. Doses in kGy, speeds in m/min, currents in mA."""
+
+    product: Annotated[str, Field(min_length=1)]
+    """Product name."""
+    version: Annotated[str, Field(min_length=1)]
+    """Recipe version; every record names it."""
+    target_dose_kgy: Annotated[float, Field(gt=0)]
+    """Dose aimed at."""
+    min_dose_kgy: Annotated[float, Field(gt=0)]
+    """Lowest dose in spec."""
+    max_dose_kgy: Annotated[float, Field(gt=0)]
+    """Highest dose in spec."""
+    energy_mev: Annotated[float, Field(gt=0)]
+    """Beam energy."""
+    energy_tolerance_mev: Annotated[float, Field(gt=0)]
+    """Allowed deviation of the measured energy."""
+    k_dose: Annotated[float, Field(gt=0)]
+    """Dose coefficient K, kGy * (m/min) * cm / mA, from dosimetry."""
+    scan_width_cm: Annotated[float, Field(gt=0)]
+    """Scan width."""
+    beam_current_min_ma: Annotated[float, Field(ge=0)]
+    """Lowest beam current the accelerator may run at."""
+    beam_current_max_ma: Annotated[float, Field(gt=0)]
+    """Highest beam current the accelerator may run at."""
+    speed_min_m_min: Annotated[float, Field(gt=0)]
+    """Lowest line speed with beam on."""
+    speed_max_m_min: Annotated[float, Field(gt=0)]
+    """Highest line speed."""
+    description: str = ""
+    """Free text."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if not self.min_dose_kgy < self.target_dose_kgy < self.max_dose_kgy:
+            raise ValueError(
+                f"doses must satisfy min < target < max; got min {self.min_dose_kgy}, "
+                f"target {self.target_dose_kgy}, max {self.max_dose_kgy}"
+            )
+        if self.beam_current_min_ma >= self.beam_current_max_ma:
+            raise ValueError(
+                f"beam_current_min_ma {self.beam_current_min_ma} must be below "
+                f"beam_current_max_ma {self.beam_current_max_ma}"
+            )
+        if self.speed_min_m_min >= self.speed_max_m_min:
+            raise ValueError(
+                f"speed_min_m_min {self.speed_min_m_min} must be below "
+                f"speed_max_m_min {self.speed_max_m_min}"
+            )
+        return self
+
+    def current_for_dose_ma(self, speed_m_min: float, weight_sum: float) -> float:
+        """Beam current that gives the target dose at this speed: I = D v W / (K sum w)."""
+        return self.target_dose_kgy * speed_m_min * self.scan_width_cm / (self.k_dose * weight_sum)
+
+    def check_against(self, geometry: Geometry, accelerator: RegisterMap | None = None) -> None:
+        """Cross-check with the line: the current range must reach the target dose somewhere
+        in the speed range, and must lie within the accelerator's set-point range."""
+        ws = geometry.weight_sum
+        i_lo = self.current_for_dose_ma(self.speed_min_m_min, ws)
+        i_hi = self.current_for_dose_ma(self.speed_max_m_min, ws)
+        if self.beam_current_max_ma < i_lo or self.beam_current_min_ma > i_hi:
+            raise ValueError(
+                f"the beam current range {self.beam_current_min_ma}..{self.beam_current_max_ma} mA "
+                f"cannot give {self.target_dose_kgy} kGy anywhere in {self.speed_min_m_min}.."
+                f"{self.speed_max_m_min} m/min on this line (needs {i_lo:.3g}..{i_hi:.3g} mA "
+                f"with sum(w) = {ws:g})"
+            )
+        if accelerator is not None:
+            sp = accelerator.field("beam_current_sp")
+            if sp.max is not None and self.beam_current_max_ma > sp.max:
+                raise ValueError(
+                    f"beam_current_max_ma {self.beam_current_max_ma} exceeds the accelerator's "
+                    f"set-point limit {sp.max} mA"
+                )
+            esp = accelerator.field("energy_sp")
+            if (esp.min is not None and self.energy_mev < esp.min) or (
+                esp.max is not None and self.energy_mev > esp.max
+            ):
+                raise ValueError(
+                    f"energy_mev {self.energy_mev} is outside the accelerator's range "
+                    f"{esp.min}..{esp.max} MeV"
+                )
+
+    def max_speed_m_min(self, weight_sum: float) -> float:
+        """Fastest speed at which full recipe current still gives the target dose."""
+        v = (
+            self.k_dose
+            * weight_sum
+            * self.beam_current_max_ma
+            / (self.scan_width_cm * self.target_dose_kgy)
+        )
+        return min(v, self.speed_max_m_min)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(file)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; ConfigError names the file and the line of a syntax error."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _parse_env_value(text: str) -> Any:
+    # TOML scalar syntax, so numbers and booleans keep their types; bare words stay strings.
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """Apply `LINECTL_<KEY>[__<KEY>...]=value` overrides to line.toml data in place.
+
+    Keys are lower-cased; `__` separates nesting levels (LINECTL_ACCELERATOR__HOST=10.0.0.5).
+    Returns the dotted keys that were overridden. `LINECTL_CONFIG_DIR` is not an override.
+    """
+    applied = []
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == "LINECTL_CONFIG_DIR":
+            continue
+        keys = name[len(ENV_PREFIX) :].lower().split("__")
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment {name}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = _parse_env_value(text)
+        applied.append(".".join(keys))
+    return applied
+
+
+def load_register_map(path: Path) -> RegisterMap:
+    """Load and validate one register map file."""
+    try:
+        return RegisterMap.model_validate(read_toml(path))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(path, exc)) from None
+
+
+def load_recipe(path: Path, line: LoadedConfig | None = None) -> Recipe:
+    """Load and validate a recipe; with a line, cross-check it against the line."""
+    try:
+        recipe = Recipe.model_validate(read_toml(path))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(path, exc)) from None
+    if line is not None:
+        try:
+            recipe.check_against(line.line.geometry, line.accelerator_map)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return recipe
+
+
+class LoadedConfig:
+    """A configuration directory, loaded and validated as a whole."""
+
+    def __init__(
+        self,
+        directory: Path,
+        line: LineConfig,
+        accelerator_map: RegisterMap,
+        conveyor_map: RegisterMap,
+        overrides: list[str],
+    ) -> None:
+        self.directory = directory
+        self.line = line
+        self.accelerator_map = accelerator_map
+        self.conveyor_map = conveyor_map
+        self.overrides = overrides
+
+    def register_map(self, plc: PlcName) -> RegisterMap:
+        """The map of the named PLC."""
+        return self.accelerator_map if plc == "accelerator" else self.conveyor_map
+
+    def endpoint(self, plc: PlcName) -> PlcEndpoint:
+        """The endpoint of the named PLC."""
+        return self.line.accelerator if plc == "accelerator" else self.line.conveyor
+
+    def resolve(self, relative: str) -> Path:
+        """A path from the configuration, relative to the configuration directory."""
+        p = Path(relative)
+        return p if p.is_absolute() else self.directory / p
+
+    @property
+    def recipes_dir(self) -> Path:
+        """Where recipe files live."""
+        return self.resolve(self.line.recipes_dir)
+
+    def recipe_path(self, name: str) -> Path:
+        """Path of a recipe by name (file stem) or path."""
+        p = Path(name)
+        if p.suffix == ".toml" or len(p.parts) > 1:
+            return p
+        return self.recipes_dir / f"{name}.toml"
+
+    def load_recipe(self, name: str) -> Recipe:
+        """Load a recipe by name and cross-check it against this line."""
+        return load_recipe(self.recipe_path(name), self)
+
+
+def default_config_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """`LINECTL_CONFIG_DIR`, else ./config."""
+    env = os.environ if environ is None else environ
+    return Path(env.get("LINECTL_CONFIG_DIR", "config"))
+
+
+def load_config(directory: Path | str, environ: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Load line.toml and both register maps from a directory; ConfigError on any fault."""
+    directory = Path(directory)
+    line_path = directory / "line.toml"
+    data = read_toml(line_path)
+    overrides = apply_env_overrides(data, os.environ if environ is None else environ)
+    try:
+        line = LineConfig.model_validate(data)
+    except ValidationError as exc:
+        where = f"{line_path} (with environment overrides {overrides})" if overrides else line_path
+        raise ConfigError(_format_validation(Path(where), exc)) from None
+    maps: dict[str, RegisterMap] = {}
+    for plc in ("accelerator", "conveyor"):
+        endpoint: PlcEndpoint = getattr(line, plc)
+        path = Path(endpoint.register_map)
+        path = path if path.is_absolute() else directory / path
+        rmap = load_register_map(path)
+        if rmap.plc != plc:
+            raise ConfigError(f"{path}: plc = {rmap.plc!r}, but line.toml uses it for {plc!r}")
+        maps[plc] = rmap
+    acc, cnv = maps["accelerator"], maps["conveyor"]
+    e_acc, e_cnv = line.accelerator, line.conveyor
+    if (e_acc.host, e_acc.port, e_acc.unit_id) == (e_cnv.host, e_cnv.port, e_cnv.unit_id):
+        raise ConfigError(
+            f"{line_path}: accelerator and conveyor point at the same PLC "
+            f"{e_acc.host}:{e_acc.port} unit {e_acc.unit_id}"
+        )
+    return LoadedConfig(directory, line, acc, cnv, overrides)
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of each configuration file kind."""
+    return {
+        "line": LineConfig.model_json_schema(),
+        "register_map": RegisterMap.model_json_schema(),
+        "recipe": Recipe.model_json_schema(),
+    }
