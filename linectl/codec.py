@@ -66,9 +66,9 @@ def encode(field: RegisterField, value: float) -> list[int]:
     fmt, _count = _STRUCT[field.type]
     if isinstance(value, bool):
         value = int(value)
-    if not isinstance(value, int | float) or math.isnan(value) or math.isinf(value):
-        if field.type != "float32" or isinstance(value, bool):
-            raise CodecError(f"{field.name}: {value!r} is not a finite number")
+    # A set-point of NaN or infinity is never meant: refuse it for every type.
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise CodecError(f"{field.name}: {value!r} is not a finite number")
     raw_f = value / field.scale
     if field.type == "float32":
         try:

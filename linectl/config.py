@@ -12,6 +12,7 @@ Errors name the file, the field and what is wrong. Environment variables
 
 from __future__ import annotations
 
+import itertools
 import os
 import tomllib
 from collections.abc import Mapping
@@ -49,7 +50,7 @@ ENV_PREFIX = "LINECTL_"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 # --------------------------------------------------------------------------- registers
@@ -214,7 +215,7 @@ class RegisterMap(_Strict):
             spans = sorted(
                 (f.address, f.end, f.name) for f in self.fields.values() if f.table == table
             )
-            for (a0, a1, n0), (b0, _b1, n1) in zip(spans, spans[1:], strict=False):
+            for (a0, a1, n0), (b0, _b1, n1) in itertools.pairwise(spans):
                 if b0 < a1:
                     raise ValueError(
                         f"{table} registers overlap: {n0!r} at {a0}..{a1 - 1} "
@@ -383,8 +384,9 @@ class Recipe(_Strict):
     def _check(self) -> Recipe:
         if not self.min_dose_kgy < self.target_dose_kgy < self.max_dose_kgy:
             raise ValueError(
-                f"doses must satisfy min < target < max; got min {self.min_dose_kgy}, "
-                f"target {self.target_dose_kgy}, max {self.max_dose_kgy}"
+                "doses must satisfy min_dose_kgy < target_dose_kgy < max_dose_kgy; got "
+                f"min_dose_kgy {self.min_dose_kgy}, target_dose_kgy {self.target_dose_kgy}, "
+                f"max_dose_kgy {self.max_dose_kgy}"
             )
         if self.beam_current_min_ma >= self.beam_current_max_ma:
             raise ValueError(
@@ -410,10 +412,11 @@ class Recipe(_Strict):
         i_hi = self.current_for_dose_ma(self.speed_max_m_min, ws)
         if self.beam_current_max_ma < i_lo or self.beam_current_min_ma > i_hi:
             raise ValueError(
-                f"the beam current range {self.beam_current_min_ma}..{self.beam_current_max_ma} mA "
-                f"cannot give {self.target_dose_kgy} kGy anywhere in {self.speed_min_m_min}.."
-                f"{self.speed_max_m_min} m/min on this line (needs {i_lo:.3g}..{i_hi:.3g} mA "
-                f"with sum(w) = {ws:g})"
+                "beam current range beam_current_min_ma..beam_current_max_ma = "
+                f"{self.beam_current_min_ma}..{self.beam_current_max_ma} mA cannot give "
+                f"{self.target_dose_kgy} kGy anywhere in speed_min_m_min..speed_max_m_min = "
+                f"{self.speed_min_m_min}..{self.speed_max_m_min} m/min on this line "
+                f"(needs {i_lo:.3g}..{i_hi:.3g} mA with sum(w) = {ws:g})"
             )
         if accelerator is not None:
             sp = accelerator.field("beam_current_sp")

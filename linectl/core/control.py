@@ -1,0 +1,580 @@
+"""Line control: state machine, dose-follow, beam-trip ride-through and interlocks.
+
+Pure and synchronous: `Controller.step(t_s, acc, cnv, position_m)` takes what the PLCs
+said this cycle and returns what to write, plus the transitions and alarms it caused.
+The async service owns the clock and the I/O.
+
+States (docs/control.md has the diagram):
+
+    OFFLINE  a PLC's data is not GOOD: nothing can be shown, nothing may run
+    IDLE     connected, no reel running, a start permissive missing
+    READY    connected, no reel running, every permissive met: a reel may start
+    STARTING HV up, line to minimum speed, beam on, then RUNNING
+    RUNNING  product: dose-follow at the speed the beam allows
+    STOPPING ramp down with dose-follow, beam off at minimum speed, line stopped
+    FAULT    a latched alarm: beam off, line stopping; leaves only on an operator reset
+
+Process protection only: the plant's personnel-safety system and hardwired beam
+inhibit are outside this software and never replaced by it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+from linectl.config import Geometry, Recipe
+
+
+class LineState(enum.Enum):
+    """Line states."""
+
+    OFFLINE = "offline"
+    IDLE = "idle"
+    READY = "ready"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FAULT = "fault"
+
+
+class StartPhase(enum.Enum):
+    """Steps of STARTING."""
+
+    HV = "hv"  # high voltage, energy and scan up
+    LINE = "line"  # conveyor to minimum speed
+    BEAM = "beam"  # beam on at the dose-follow current
+
+
+@dataclass(frozen=True, slots=True)
+class AccView:
+    """The accelerator this cycle (decoded and quality-checked by the service)."""
+
+    ok: bool  # every value GOOD this cycle
+    ready: bool = False
+    hv_on: bool = False
+    beam_on: bool = False
+    vacuum_ok: bool = False
+    scan_ok: bool = False
+    cooling_ok: bool = False
+    safety_ok: bool = False
+    fault: bool = False
+    watchdog_trip: bool = False
+    beam_current_ma: float = 0.0
+    energy_mev: float = 0.0
+    scan_width_cm: float = 0.0
+    fault_code: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CnvView:
+    """The conveyor this cycle."""
+
+    ok: bool
+    ready: bool = False
+    running: bool = False
+    at_speed: bool = False
+    tension_ok: bool = False
+    cable_break: bool = False
+    fault: bool = False
+    watchdog_trip: bool = False
+    estop: bool = False
+    speed_m_min: float = 0.0
+    fault_code: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outputs:
+    """What to write to the PLCs this cycle."""
+
+    hv_on: bool = False
+    beam_on: bool = False
+    acc_fault_reset: bool = False
+    beam_current_sp_ma: float = 0.0
+    energy_sp_mev: float = 0.5
+    scan_width_sp_cm: float = 20.0
+    run: bool = False
+    cnv_fault_reset: bool = False
+    speed_sp_m_min: float = 0.0
+    watchdog: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A state change and why."""
+
+    t_s: float
+    old: LineState
+    new: LineState
+    cause: str
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """A process alarm. Latched alarms hold FAULT until reset."""
+
+    kind: str
+    message: str
+    t_s: float
+    latched: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ReelPlan:
+    """The reel the operator asked for."""
+
+    reel_id: str
+    planned_length_m: float
+    operator: str = ""
+
+
+class CommandRefused(Exception):  # noqa: N818 - it is a refusal, not a program error
+    """An operator command that is not allowed in the current state; str() says why."""
+
+
+@dataclass
+class ControlTuning:
+    """Controller parameters; defaults suit the reference line."""
+
+    current_lag_s: float = 0.15
+    """The accelerator's current lag: the set-point leads the measured speed by this."""
+    current_ramp_ma_s: float = 15.0
+    """The accelerator's current ramp limit."""
+    line_ramp_m_min_s: float = 30.0
+    """Upper bound of the line's acceleration (conveyor ramp_rate)."""
+    relative_ramp_per_s: float = 0.25
+    """At low speed, accelerate by at most this fraction of the speed per second: the
+    current's lag then costs at most current_lag_s * this of the dose."""
+    ride_through_s: float = 1.0
+    """A beam trip shorter than this is ridden through at speed."""
+    trip_stop_s: float = 10.0
+    """A beam outage longer than this stops the line (it slows to minimum speed first)."""
+    start_timeout_s: float = 15.0
+    """Each start phase must complete within this."""
+    acc_lost_hold_s: float = 0.7
+    """After the accelerator link is lost the line keeps moving this long (more than the
+    accelerator's watchdog timeout) so a beam we can no longer switch off never stands on
+    a stopped cable; then it stops."""
+    speed_tolerance: float = 0.02
+    """Relative speed tolerance for 'reached'."""
+
+
+_WATCHDOG_MOD = 0x10000
+
+
+@dataclass
+class _Reel:
+    plan: ReelPlan
+    started: bool = False  # RUNNING was reached once: the ledger has L0
+    complete: bool = False
+
+
+@dataclass
+class Controller:
+    """The pure line controller. One instance per line."""
+
+    recipe: Recipe
+    geometry: Geometry
+    tuning: ControlTuning = field(default_factory=ControlTuning)
+    state: LineState = LineState.OFFLINE
+    alarms: dict[str, Alarm] = field(default_factory=dict)
+    reel: _Reel | None = None
+    _out: Outputs = field(default_factory=Outputs)
+    _phase: StartPhase = StartPhase.HV
+    _phase_t_s: float = 0.0
+    _trip_t_s: float | None = None
+    _acc_lost_t_s: float | None = None
+    _last_t_s: float | None = None
+    _reset_pending: bool = False
+    _cycle: int = 0
+    _stop_cause: str = ""
+    transitions: list[Transition] = field(default_factory=list)
+    new_alarms: list[Alarm] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def v_min(self) -> float:
+        """Minimum line speed with beam on, m/min."""
+        return self.recipe.speed_min_m_min
+
+    @property
+    def v_max(self) -> float:
+        """The speed the beam allows at full recipe current, capped by the recipe."""
+        return self.recipe.max_speed_m_min(self.geometry.weight_sum)
+
+    def current_for(self, speed_m_min: float, scan_width_cm: float) -> float:
+        """Dose-follow: I = D * v * W / (K * sum w), within the recipe's current range."""
+        w = scan_width_cm if scan_width_cm > 0 else self.recipe.scan_width_cm
+        i = (
+            self.recipe.target_dose_kgy
+            * speed_m_min
+            * w
+            / (self.recipe.k_dose * self.geometry.weight_sum)
+        )
+        return min(max(i, self.recipe.beam_current_min_ma), self.recipe.beam_current_max_ma)
+
+    @property
+    def outputs(self) -> Outputs:
+        """The outputs of the last step."""
+        return self._out
+
+    # ------------------------------------------------------------------ operator
+
+    def request_start(self, plan: ReelPlan) -> None:
+        """Start (or resume) a reel. Raises CommandRefused with the reason."""
+        if self.state is not LineState.READY:
+            raise CommandRefused(
+                f"cannot start in state {self.state.value}: {self.why_not_ready()}"
+            )
+        if plan.planned_length_m <= 0:
+            raise CommandRefused("planned length must be positive")
+        if self.reel is not None and not self.reel.complete:
+            if self.reel.plan.reel_id != plan.reel_id:
+                raise CommandRefused(
+                    f"reel {self.reel.plan.reel_id} is not finished; resume it or close it first"
+                )
+        else:
+            self.reel = _Reel(plan)
+        self._enter_starting(self._last_t_s or 0.0, f"operator started reel {plan.reel_id}")
+
+    def request_stop(self, cause: str = "operator stop") -> None:
+        """Stop the line with a ramp-down; the reel can be resumed later."""
+        if self.state in (LineState.STARTING, LineState.RUNNING):
+            self._stop_cause = cause
+            self._to(self._last_t_s or 0.0, LineState.STOPPING, cause)
+        elif self.state is not LineState.STOPPING:
+            raise CommandRefused(f"nothing to stop in state {self.state.value}")
+
+    def request_reset(self) -> None:
+        """Reset latched alarms and PLC faults once their causes are gone."""
+        if self.state is not LineState.FAULT and not self.alarms:
+            raise CommandRefused("no latched alarm to reset")
+        self._reset_pending = True
+
+    def close_reel(self) -> ReelPlan:
+        """Forget the current reel (the service closes its records)."""
+        if self.reel is None:
+            raise CommandRefused("no reel")
+        if self.state in (LineState.STARTING, LineState.RUNNING, LineState.STOPPING):
+            raise CommandRefused(f"stop the line first (state {self.state.value})")
+        plan = self.reel.plan
+        self.reel = None
+        return plan
+
+    def why_not_ready(self) -> str:
+        """Human reason why the line is not READY ('' when it is)."""
+        return self._not_ready_reason or ""
+
+    _not_ready_reason: str = ""
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, t_s: float, acc: AccView, cnv: CnvView, position_m: float | None) -> Outputs:
+        """One control cycle. `position_m` is the reel coordinate at the length counter
+        (from the ledger), None before the reel's start."""
+        dt_s = 0.0 if self._last_t_s is None else max(0.0, t_s - self._last_t_s)
+        self._last_t_s = t_s
+        self._cycle += 1
+        self.transitions = []
+        self.new_alarms = []
+        out = replace(
+            self._out,
+            acc_fault_reset=False,
+            cnv_fault_reset=False,
+            watchdog=self._cycle % _WATCHDOG_MOD,
+            energy_sp_mev=self.recipe.energy_mev,
+            scan_width_sp_cm=self.recipe.scan_width_cm,
+        )
+
+        # 1. Data quality first: unknown is never treated as fine.
+        if not acc.ok or not cnv.ok:
+            out = self._offline(t_s, acc, cnv, out)
+            self._out = out
+            return out
+        if self._acc_lost_t_s is not None:
+            self._acc_lost_t_s = None
+        if self.state is LineState.OFFLINE:
+            self._to(t_s, LineState.FAULT if self.alarms else LineState.IDLE, "both PLCs answer")
+
+        # 2. Interlocks: each acts in this very cycle.
+        out = self._interlocks(t_s, acc, cnv, out)
+
+        # 3. Reset of latched alarms.
+        if self._reset_pending:
+            out = self._reset(t_s, acc, cnv, out)
+
+        # 4. The state's own logic.
+        match self.state:
+            case LineState.FAULT:
+                out = self._safe(out)
+            case LineState.IDLE | LineState.READY:
+                out = self._safe(out)
+                self._update_ready(t_s, acc, cnv)
+            case LineState.STARTING:
+                out = self._starting(t_s, dt_s, acc, cnv, out)
+            case LineState.RUNNING:
+                out = self._running(t_s, dt_s, acc, cnv, out, position_m=position_m)
+            case LineState.STOPPING:
+                out = self._stopping(t_s, dt_s, acc, cnv, out)
+            case LineState.OFFLINE:  # pragma: no cover - left above
+                out = self._safe(out)
+
+        # 5. Last word: the beam is never on below minimum speed.
+        if out.beam_on and cnv.speed_m_min < self.v_min * (1 - self.tuning.speed_tolerance):
+            out = replace(out, beam_on=False)
+        self._out = out
+        return out
+
+    # ------------------------------------------------------------------ pieces
+
+    def _offline(self, t_s: float, acc: AccView, cnv: CnvView, out: Outputs) -> Outputs:
+        if not cnv.ok:
+            # The conveyor is unknown: the cable may be standing. Beam off at once on the
+            # PLC that still answers; the conveyor's own watchdog stops the line.
+            self._alarm(t_s, "conveyor_link", "conveyor data lost or stale: beam off")
+            out = replace(out, beam_on=False, beam_current_sp_ma=0.0)
+        if not acc.ok:
+            # The accelerator is unknown: its beam may still be on and we cannot switch
+            # it off. Stopping the line now could burn the cable, so hold the speed until
+            # the accelerator's watchdog has certainly cut the beam, then stop.
+            self._alarm(t_s, "accelerator_link", "accelerator data lost or stale")
+            if self._acc_lost_t_s is None:
+                self._acc_lost_t_s = t_s
+            held = t_s - self._acc_lost_t_s < self.tuning.acc_lost_hold_s
+            out = replace(out, beam_on=False, beam_current_sp_ma=0.0)
+            if not held:
+                out = replace(out, run=False, speed_sp_m_min=0.0)
+        if self.state is not LineState.OFFLINE:
+            self._to(t_s, LineState.OFFLINE, "PLC data lost or stale")
+        return out
+
+    def _interlocks(self, t_s: float, acc: AccView, cnv: CnvView, out: Outputs) -> Outputs:
+        active = self.state in (LineState.STARTING, LineState.RUNNING, LineState.STOPPING)
+        trips: list[tuple[str, str]] = []
+        beam_is_on = acc.beam_on or acc.beam_current_ma > 0.5
+        if beam_is_on and (cnv.estop or cnv.cable_break or not cnv.running):
+            trips.append(("line_stopped_beam_on", "beam on while the line is not running"))
+        elif beam_is_on and cnv.speed_m_min < self.v_min * (1 - self.tuning.speed_tolerance):
+            trips.append(
+                (
+                    "below_min_speed_beam_on",
+                    f"beam on at {cnv.speed_m_min:.1f} m/min, below {self.v_min:g} m/min",
+                )
+            )
+        if cnv.estop:
+            trips.append(("estop", "emergency stop on the conveyor"))
+        if cnv.cable_break:
+            trips.append(("cable_break", "cable break"))
+        if cnv.fault and active:
+            trips.append(("conveyor_fault", f"conveyor fault code {cnv.fault_code}"))
+        if acc.fault and (active or acc.fault_code not in (0,)):
+            trips.append(("accelerator_fault", f"accelerator fault code {acc.fault_code}"))
+        if not acc.safety_ok and (active or beam_is_on):
+            trips.append(("safety_chain", "personnel safety chain open"))
+        if acc.hv_on and (active or beam_is_on):
+            if not acc.vacuum_ok:
+                trips.append(("vacuum", "accelerator vacuum fault"))
+            if not acc.scan_ok:
+                trips.append(("scan", "scan fault"))
+            if not acc.cooling_ok:
+                trips.append(("cooling", "cooling fault"))
+            hv_settled = self.state is not LineState.STARTING or self._phase is not StartPhase.HV
+            if hv_settled and abs(acc.energy_mev - self.recipe.energy_mev) > (
+                self.recipe.energy_tolerance_mev
+            ):
+                trips.append(
+                    (
+                        "energy",
+                        f"energy {acc.energy_mev:.3f} MeV outside {self.recipe.energy_mev:g} "
+                        f"+/- {self.recipe.energy_tolerance_mev:g}",
+                    )
+                )
+        if not trips:
+            return out
+        for kind, msg in trips:
+            self._alarm(t_s, kind, msg)
+        if self.state is not LineState.FAULT:
+            self._to(t_s, LineState.FAULT, "; ".join(m for _, m in trips))
+        return self._safe(out)
+
+    def _safe(self, out: Outputs) -> Outputs:
+        """Beam off, line to a stop (normal ramp), HV kept only while nothing is wrong."""
+        return replace(
+            out,
+            beam_on=False,
+            beam_current_sp_ma=0.0,
+            hv_on=out.hv_on and self.state is not LineState.FAULT,
+            run=False,
+            speed_sp_m_min=0.0,
+        )
+
+    def _reset(self, t_s: float, acc: AccView, cnv: CnvView, out: Outputs) -> Outputs:
+        self._reset_pending = False
+        out = replace(out, acc_fault_reset=acc.fault, cnv_fault_reset=cnv.fault)
+        # Alarms whose cause is still present come back on the next cycle's interlocks.
+        self.alarms.clear()
+        if self.state is LineState.FAULT:
+            self._to(t_s, LineState.IDLE, "operator reset")
+        return out
+
+    def _update_ready(self, t_s: float, acc: AccView, cnv: CnvView) -> None:
+        reasons = []
+        if not acc.ready:
+            reasons.append("accelerator not READY")
+        if not acc.safety_ok:
+            reasons.append("safety chain open")
+        if acc.fault:
+            reasons.append(f"accelerator fault {acc.fault_code}")
+        if not cnv.ready:
+            reasons.append("conveyor not READY")
+        if cnv.fault:
+            reasons.append(f"conveyor fault {cnv.fault_code}")
+        if cnv.estop:
+            reasons.append("e-stop")
+        if self.alarms:
+            reasons.append("alarms not reset: " + ", ".join(sorted(self.alarms)))
+        self._not_ready_reason = "; ".join(reasons)
+        want = LineState.IDLE if reasons else LineState.READY
+        if want is not self.state:
+            self._to(t_s, want, self._not_ready_reason or "all permissives met")
+
+    def _enter_starting(self, t_s: float, cause: str) -> None:
+        self._phase = StartPhase.HV
+        self._phase_t_s = t_s
+        self._trip_t_s = None
+        self._to(t_s, LineState.STARTING, cause)
+
+    def _ramp_speed(self, dt_s: float, current_sp: float, target: float) -> float:
+        """Next speed set-point: within the line's ramp, the accelerator's current ramp,
+        and a relative limit at low speed."""
+        k = self.recipe.k_dose * self.geometry.weight_sum
+        # dI/dt = D W / (K sum w) * dv/dt: the beam's ramp bounds the line's.
+        by_current = (
+            self.tuning.current_ramp_ma_s
+            * k
+            / (self.recipe.target_dose_kgy * self.recipe.scan_width_cm)
+        )
+        rate = min(
+            self.tuning.line_ramp_m_min_s,
+            0.9 * by_current,
+            max(self.tuning.relative_ramp_per_s * max(current_sp, self.v_min), 0.5),
+        )
+        step = rate * dt_s
+        if target > current_sp:
+            return min(target, current_sp + step)
+        return max(target, current_sp - step)
+
+    def _follow_current(self, out: Outputs, acc: AccView, cnv: CnvView, dt_s: float) -> Outputs:
+        # Lead the measured speed by the accelerator's lag so the dose stays on target
+        # while the line ramps.
+        slope = 0.0 if dt_s <= 0 else (out.speed_sp_m_min - self._out.speed_sp_m_min) / dt_s
+        v_ff = max(0.0, cnv.speed_m_min + slope * self.tuning.current_lag_s)
+        return replace(out, beam_current_sp_ma=self.current_for(v_ff, acc.scan_width_cm))
+
+    def _starting(
+        self, t_s: float, dt_s: float, acc: AccView, cnv: CnvView, out: Outputs
+    ) -> Outputs:
+        tol = self.tuning.speed_tolerance
+        if t_s - self._phase_t_s > self.tuning.start_timeout_s:
+            self._alarm(t_s, "start_timeout", f"start phase {self._phase.value} did not complete")
+            self._to(t_s, LineState.FAULT, f"start timed out in phase {self._phase.value}")
+            return self._safe(out)
+        out = replace(out, hv_on=True)
+        match self._phase:
+            case StartPhase.HV:
+                out = replace(out, beam_on=False, run=False, speed_sp_m_min=0.0)
+                energy_ok = abs(acc.energy_mev - self.recipe.energy_mev) <= (
+                    self.recipe.energy_tolerance_mev
+                )
+                if acc.hv_on and acc.ready and energy_ok and acc.scan_ok:
+                    self._phase, self._phase_t_s = StartPhase.LINE, t_s
+            case StartPhase.LINE:
+                sp = self._ramp_speed(dt_s, self._out.speed_sp_m_min, self.v_min)
+                out = replace(out, run=True, speed_sp_m_min=sp, beam_on=False)
+                if cnv.running and cnv.speed_m_min >= self.v_min * (1 - tol / 2):
+                    self._phase, self._phase_t_s = StartPhase.BEAM, t_s
+            case StartPhase.BEAM:
+                out = replace(out, run=True, speed_sp_m_min=self.v_min, beam_on=True)
+                out = self._follow_current(out, acc, cnv, dt_s)
+                target = out.beam_current_sp_ma
+                if acc.beam_on and abs(acc.beam_current_ma - target) <= max(0.03 * target, 0.2):
+                    assert self.reel is not None
+                    self.reel.started = True
+                    self._to(t_s, LineState.RUNNING, "beam on at dose-follow current")
+        return out
+
+    def _running(
+        self,
+        t_s: float,
+        dt_s: float,
+        acc: AccView,
+        cnv: CnvView,
+        out: Outputs,
+        *,
+        position_m: float | None,
+    ) -> Outputs:
+        assert self.reel is not None
+        out = replace(out, hv_on=True, run=True, beam_on=True)
+        # Planned end: the last product metre has left the last pass.
+        if (
+            position_m is not None
+            and position_m - self.geometry.last_pass_offset_m >= self.reel.plan.planned_length_m
+        ):
+            self.reel.complete = True
+            self._stop_cause = "planned length reached"
+            self._to(t_s, LineState.STOPPING, "planned length reached")
+            return self._stopping(t_s, dt_s, acc, cnv, out)
+        # Beam trip: fault_code 1, or the beam is requested but not on.
+        tripped = acc.fault_code == 1 or (self._out.beam_on and not acc.beam_on)
+        target = self.v_max
+        if tripped:
+            if self._trip_t_s is None:
+                self._trip_t_s = t_s
+            outage = t_s - self._trip_t_s
+            if outage > self.tuning.trip_stop_s:
+                self._alarm(t_s, "beam_outage", f"beam off for {outage:.1f} s", latched=False)
+                self._stop_cause = "long beam outage"
+                self._to(t_s, LineState.STOPPING, f"beam outage of {outage:.1f} s")
+                return self._stopping(t_s, dt_s, acc, cnv, out)
+            if outage > self.tuning.ride_through_s:
+                target = self.v_min  # little cable passes unirradiated while we wait
+        else:
+            self._trip_t_s = None
+        sp = self._ramp_speed(dt_s, self._out.speed_sp_m_min or cnv.speed_m_min, target)
+        out = replace(out, speed_sp_m_min=sp)
+        return self._follow_current(out, acc, cnv, dt_s)
+
+    def _stopping(
+        self, t_s: float, dt_s: float, acc: AccView, cnv: CnvView, out: Outputs
+    ) -> Outputs:
+        tol = self.tuning.speed_tolerance
+        sp = self._ramp_speed(dt_s, self._out.speed_sp_m_min, self.v_min)
+        beam_wanted = self._out.beam_on and cnv.speed_m_min > self.v_min * (1 + tol)
+        if beam_wanted and acc.fault_code != 1:
+            out = replace(out, hv_on=True, run=True, beam_on=True, speed_sp_m_min=sp)
+            return self._follow_current(out, acc, cnv, dt_s)
+        # At minimum speed (or the beam is gone): beam off first, then the line.
+        out = replace(out, beam_on=False, beam_current_sp_ma=0.0, hv_on=True)
+        if acc.beam_on or acc.beam_current_ma > 0.5:
+            return replace(out, run=True, speed_sp_m_min=max(sp, self.v_min))
+        out = replace(out, run=False, speed_sp_m_min=0.0)
+        if not cnv.running and cnv.speed_m_min < 0.05:
+            self._to(t_s, LineState.IDLE, f"stopped: {self._stop_cause}")
+        return out
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _alarm(self, t_s: float, kind: str, message: str, *, latched: bool = True) -> None:
+        if kind in self.alarms:
+            return
+        a = Alarm(kind, message, t_s, latched)
+        if latched:
+            self.alarms[kind] = a
+        self.new_alarms.append(a)
+
+    def _to(self, t_s: float, new: LineState, cause: str) -> None:
+        if new is self.state:
+            return
+        self.transitions.append(Transition(t_s, self.state, new, cause))
+        self.state = new

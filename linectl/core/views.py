@@ -1,0 +1,155 @@
+"""Translation between register-map values and the controller's views and outputs.
+
+Pure: the service feeds decoded values from the links; the closed-loop tests feed values
+decoded from the simulator's registers. Field and bit names are the register map's
+contract names (linectl.config.REQUIRED_FIELDS); units are converted here, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from linectl.codec import counter_modulus, with_bit
+from linectl.config import RegisterMap
+from linectl.core.control import AccView, CnvView, Outputs
+from linectl.core.ledger import LedgerSample
+from linectl.errors import ConfigError
+
+Values = Mapping[str, float | int | None]
+
+# Factor to the ledger's units (metres, microcoulombs) by the map's declared unit.
+_LENGTH_TO_M = {"mm": 0.001, "cm": 0.01, "dm": 0.1, "m": 1.0}
+_CHARGE_TO_UC = {"nC": 0.001, "uC": 1.0, "µC": 1.0, "mC": 1000.0, "C": 1e6}
+
+
+def _bits(values: Values, rmap: RegisterMap, field: str) -> dict[str, bool]:
+    raw = values.get(field)
+    f = rmap.field(field)
+    if raw is None:
+        return dict.fromkeys(f.bits, False)
+    return {name: bool(int(raw) >> bit & 1) for name, bit in f.bits.items()}
+
+
+def _num(values: Values, field: str) -> float:
+    v = values.get(field)
+    return 0.0 if v is None else float(v)
+
+
+def acc_view(values: Values, rmap: RegisterMap, *, ok: bool) -> AccView:
+    """The accelerator's decoded values as the controller sees them."""
+    if not ok:
+        return AccView(ok=False)
+    s = _bits(values, rmap, "status")
+    return AccView(
+        ok=True,
+        ready=s["READY"],
+        hv_on=s["HV_ON"],
+        beam_on=s["BEAM_ON"],
+        vacuum_ok=s["VACUUM_OK"],
+        scan_ok=s["SCAN_OK"],
+        cooling_ok=s["COOLING_OK"],
+        safety_ok=s["SAFETY_OK"],
+        fault=s["FAULT"],
+        watchdog_trip=s["WATCHDOG_TRIP"],
+        beam_current_ma=_num(values, "beam_current"),
+        energy_mev=_num(values, "energy"),
+        scan_width_cm=_num(values, "scan_width"),
+        fault_code=int(_num(values, "fault_code")),
+    )
+
+
+def cnv_view(values: Values, rmap: RegisterMap, *, ok: bool) -> CnvView:
+    """The conveyor's decoded values as the controller sees them."""
+    if not ok:
+        return CnvView(ok=False)
+    s = _bits(values, rmap, "status")
+    return CnvView(
+        ok=True,
+        ready=s["READY"],
+        running=s["RUNNING"],
+        at_speed=s["AT_SPEED"],
+        tension_ok=s["TENSION_OK"],
+        cable_break=s["CABLE_BREAK"],
+        fault=s["FAULT"],
+        watchdog_trip=s["WATCHDOG_TRIP"],
+        estop=s["ESTOP"],
+        speed_m_min=_num(values, "speed"),
+        fault_code=int(_num(values, "fault_code")),
+    )
+
+
+def acc_writes(out: Outputs, rmap: RegisterMap) -> dict[str, float | int]:
+    """Holding-field values for the accelerator."""
+    cmd_f = rmap.field("command")
+    cmd = with_bit(cmd_f, 0, "HV_ON", out.hv_on)
+    cmd = with_bit(cmd_f, cmd, "BEAM_ON", out.beam_on)
+    cmd = with_bit(cmd_f, cmd, "FAULT_RESET", out.acc_fault_reset)
+    return {
+        "command": cmd,
+        "beam_current_sp": out.beam_current_sp_ma,
+        "energy_sp": out.energy_sp_mev,
+        "scan_width_sp": out.scan_width_sp_cm,
+        "watchdog": out.watchdog,
+    }
+
+
+def cnv_writes(out: Outputs, rmap: RegisterMap) -> dict[str, float | int]:
+    """Holding-field values for the conveyor."""
+    cmd_f = rmap.field("command")
+    cmd = with_bit(cmd_f, 0, "RUN", out.run)
+    cmd = with_bit(cmd_f, cmd, "FAULT_RESET", out.cnv_fault_reset)
+    return {"command": cmd, "speed_sp": out.speed_sp_m_min, "watchdog": out.watchdog}
+
+
+@dataclass(frozen=True, slots=True)
+class CounterUnits:
+    """How to turn the maps' counter readings into ledger units, and where they wrap."""
+
+    charge_to_uc: float
+    length_to_m: float
+    charge_modulus_uc: float
+    length_modulus_m: float
+
+    @classmethod
+    def from_maps(cls, acc: RegisterMap, cnv: RegisterMap) -> CounterUnits:
+        """Read the units from the maps; ConfigError names an unknown unit."""
+        q, length = acc.field("charge_total"), cnv.field("length")
+        try:
+            kq = _CHARGE_TO_UC[q.unit]
+        except KeyError:
+            raise ConfigError(
+                f"accelerator map: charge_total unit {q.unit!r} is not one of "
+                f"{sorted(_CHARGE_TO_UC)}"
+            ) from None
+        try:
+            kl = _LENGTH_TO_M[length.unit]
+        except KeyError:
+            raise ConfigError(
+                f"conveyor map: length unit {length.unit!r} is not one of {sorted(_LENGTH_TO_M)}"
+            ) from None
+        return cls(kq, kl, counter_modulus(q) * kq, counter_modulus(length) * kl)
+
+    def sample(
+        self,
+        t_s: float,
+        acc: Values,
+        cnv: Values,
+        *,
+        acc_ok: bool,
+        cnv_ok: bool,
+        energy_ok: bool,
+    ) -> LedgerSample:
+        """A ledger sample from this cycle's values; None where a value is not GOOD."""
+        q = acc.get("charge_total") if acc_ok else None
+        length = cnv.get("length") if cnv_ok else None
+        w = acc.get("scan_width") if acc_ok else None
+        v = cnv.get("speed") if cnv_ok else None
+        return LedgerSample(
+            t_s=t_s,
+            charge_uc=None if q is None else float(q) * self.charge_to_uc,
+            length_m=None if length is None else float(length) * self.length_to_m,
+            scan_width_cm=None if w is None else float(w),
+            energy_ok=energy_ok,
+            speed_m_min=None if v is None else float(v),
+        )

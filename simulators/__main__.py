@@ -1,0 +1,7 @@
+"""`python -m simulators`: the same as `linectl sim`."""
+
+import sys
+
+from simulators.cli import main
+
+sys.exit(main())

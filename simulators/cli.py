@@ -1,0 +1,219 @@
+"""`linectl sim` / `python -m simulators`: run both simulated PLCs until SIGINT/SIGTERM.
+
+Faults are scheduled on the command line as KIND[:PLC][:ARG]@T_S (T_S seconds after
+start); see docs/simulators.md for the list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from linectl.config import PlcName, default_config_dir, load_config
+from linectl.errors import ConfigError
+from simulators.server import SimulatedLine
+
+log = logging.getLogger("simulators")
+
+_PLCS: dict[str, PlcName] = {
+    "accelerator": "accelerator",
+    "acc": "accelerator",
+    "conveyor": "conveyor",
+    "cnv": "conveyor",
+}
+# kind -> (needs a PLC, number of numeric arguments (min, max))
+_KINDS: dict[str, tuple[bool, int, int]] = {
+    "arc": (False, 0, 1),  # arc[:DURATION_S]
+    "random_arcs": (False, 1, 1),  # random_arcs:RATE_PER_H
+    "latch": (True, 1, 1),  # latch:PLC:CODE
+    "estop": (False, 0, 0),
+    "cable_break": (False, 0, 0),
+    "drive_fault": (False, 0, 0),
+    "safety_open": (False, 0, 0),
+    "safety_close": (False, 0, 0),
+    "link_loss": (True, 1, 1),  # link_loss:PLC:DURATION_S
+    "restart": (True, 0, 1),  # restart:PLC[:DOWN_S]
+    "exceptions": (True, 2, 2),  # exceptions:PLC:CODE,DURATION_S
+    "delay": (True, 3, 3),  # delay:PLC:MEAN_S,JITTER_S,DURATION_S
+}
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """One scheduled fault."""
+
+    kind: str
+    plc: PlcName | None
+    args: tuple[float, ...]
+    at_s: float
+
+
+def parse_fault(text: str) -> FaultSpec:
+    """KIND[:PLC][:ARG[,ARG...]]@T_S -> FaultSpec (argparse type)."""
+    spec, sep, at = text.partition("@")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: missing @T_S (seconds after start)")
+    try:
+        at_s = float(at)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: time {at!r} is not a number") from None
+    parts = spec.split(":")
+    kind = parts.pop(0)
+    if kind not in _KINDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: unknown fault {kind!r}; one of {sorted(_KINDS)}"
+        )
+    needs_plc, nmin, nmax = _KINDS[kind]
+    plc: PlcName | None = None
+    if needs_plc:
+        if not parts or parts[0] not in _PLCS:
+            raise argparse.ArgumentTypeError(f"{text!r}: {kind} needs a PLC (accelerator|conveyor)")
+        plc = _PLCS[parts.pop(0)]
+    raw = ",".join(parts).split(",") if parts else []
+    try:
+        args = tuple(float(a) for a in raw if a != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: arguments must be numbers") from None
+    if not nmin <= len(args) <= nmax:
+        raise argparse.ArgumentTypeError(f"{text!r}: {kind} takes {nmin}..{nmax} numbers")
+    return FaultSpec(kind, plc, args, at_s)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The `sim` options (pass a subparser to embed them in another CLI)."""
+    p = parser or argparse.ArgumentParser(
+        prog="linectl sim", description="Run the simulated accelerator and conveyor PLCs."
+    )
+    p.add_argument("--config", type=Path, default=None, help="configuration directory")
+    p.add_argument("--acc-port", type=int, default=None, help="accelerator port (config)")
+    p.add_argument("--cnv-port", type=int, default=None, help="conveyor port (config)")
+    p.add_argument("--host", default=None, help="address to listen on (config host)")
+    p.add_argument("--seed", type=int, default=1, help="random seed")
+    p.add_argument("--k-dose", type=float, default=1500.0, help="true dose coefficient K")
+    p.add_argument("--arc-rate", type=float, default=0.0, metavar="PER_H", help="random arcs")
+    p.add_argument(
+        "--fault",
+        type=parse_fault,
+        action="append",
+        default=[],
+        metavar="KIND[:PLC][:ARG]@T_S",
+        help="schedule a fault (repeatable), e.g. arc:0.5@30 link_loss:conveyor:2@60",
+    )
+    p.add_argument("--truth-out", type=Path, default=None, help="write ground truth on exit")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many s")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+async def _inject(line: SimulatedLine, f: FaultSpec) -> None:
+    fl = line.faults
+    a = f.args
+    match f.kind:
+        case "arc":
+            fl.arc(a[0] if a else 0.5)
+        case "random_arcs":
+            fl.random_arcs(a[0])
+        case "latch":
+            assert f.plc is not None
+            fl.latch(f.plc, int(a[0]))
+        case "estop":
+            fl.estop()
+        case "cable_break":
+            fl.cable_break()
+        case "drive_fault":
+            fl.drive_fault()
+        case "safety_open":
+            fl.safety_open()
+        case "safety_close":
+            fl.safety_close()
+        case "link_loss":
+            assert f.plc is not None
+            await fl.link_loss(f.plc, a[0])
+        case "restart":
+            assert f.plc is not None
+            await line.restart(f.plc, a[0] if a else 0.5)
+        case "exceptions":
+            assert f.plc is not None
+            fl.exceptions(f.plc, int(a[0]), a[1])
+        case "delay":
+            assert f.plc is not None
+            fl.delay(f.plc, a[0], a[1], a[2])
+        case _:
+            raise AssertionError(f.kind)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run until a signal (or --duration); returns the exit code."""
+    cfg = load_config(args.config or default_config_dir())
+    acc_port = cfg.line.accelerator.port if args.acc_port is None else args.acc_port
+    cnv_port = cfg.line.conveyor.port if args.cnv_port is None else args.cnv_port
+    host = args.host or cfg.line.accelerator.host
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    async with SimulatedLine(
+        cfg,
+        acc_port,
+        cnv_port,
+        seed=args.seed,
+        k_dose_true=args.k_dose,
+        host=host,
+        arc_rate_per_h=args.arc_rate,
+    ) as line:
+        log.info(
+            "simulated line %s up: accelerator :%d, conveyor :%d",
+            cfg.line.line_id,
+            line.acc_port,
+            line.cnv_port,
+        )
+
+        async def scheduled(f: FaultSpec) -> None:
+            await asyncio.sleep(max(0.0, f.at_s - line.plant_time()))
+            try:
+                await _inject(line, f)
+            except (ValueError, KeyError) as exc:
+                log.error("fault %s failed: %s", f, exc)
+
+        tasks = [asyncio.create_task(scheduled(f), name=f"fault {f.kind}") for f in args.fault]
+        try:
+            if args.duration is None:
+                await stop.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), args.duration)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            line.plant.advance_to(line.plant_time())
+            if args.truth_out is not None:
+                line.plant.truth.write(args.truth_out)
+                log.info("ground truth written to %s", args.truth_out)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(sig)
+    log.info("simulated line stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: `linectl sim ...` and `python -m simulators ...`."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return asyncio.run(run(args))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 0
