@@ -262,6 +262,12 @@ class Controller:
         self.reel = None
         return plan
 
+    def take_events(self) -> tuple[list[Transition], list[Alarm]]:
+        """Transitions and new alarms since the last call (operator requests included)."""
+        events = (self.transitions, self.new_alarms)
+        self.transitions, self.new_alarms = [], []
+        return events
+
     def why_not_ready(self) -> str:
         """Human reason why the line is not READY ('' when it is)."""
         return self._not_ready_reason or ""
@@ -276,8 +282,6 @@ class Controller:
         dt_s = 0.0 if self._last_t_s is None else max(0.0, t_s - self._last_t_s)
         self._last_t_s = t_s
         self._cycle += 1
-        self.transitions = []
-        self.new_alarms = []
         out = replace(
             self._out,
             acc_fault_reset=False,
@@ -372,6 +376,13 @@ class Controller:
             trips.append(("accelerator_fault", f"accelerator fault code {acc.fault_code}"))
         if not acc.safety_ok and (active or beam_is_on):
             trips.append(("safety_chain", "personnel safety chain open"))
+        hv_expected = self._out.hv_on and (
+            self.state in (LineState.RUNNING, LineState.STOPPING)
+            or (self.state is LineState.STARTING and self._phase is not StartPhase.HV)
+        )
+        if hv_expected and not acc.hv_on:
+            # HV dropped while we hold it on: an HV fault or a PLC restart.
+            trips.append(("hv_lost", "accelerator high voltage dropped while requested"))
         if acc.hv_on and (active or beam_is_on):
             if not acc.vacuum_ok:
                 trips.append(("vacuum", "accelerator vacuum fault"))

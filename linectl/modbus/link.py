@@ -1,0 +1,623 @@
+"""The controller's link to one PLC: the only module that talks to pymodbus.
+
+A `PlcLink` owns one Modbus TCP client and a background task that (re)connects it.
+`poll()` reads the planned blocks and returns a `Snapshot` in which every value carries
+its quality; it never raises on a communication failure. `write()` encodes through the
+register map, writes, reads back and raises a `linectl.errors` type on any failure.
+
+Every wait is bounded: connect by `connect_timeout_s`, each request by `timeout_s`, and
+a request never waits for a connection (not connected means no I/O at all), so a dead
+PLC can cost a caller at most one timeout per request and never stalls another link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Final, NoReturn, Self
+
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.pdu import ModbusPDU
+
+from linectl.codec import decode
+from linectl.config import PlcEndpoint, PlcName, RegisterField, RegisterMap
+from linectl.errors import (
+    LocalError,
+    PlcExceptionError,
+    PlcTimeoutError,
+    PlcUnavailableError,
+    WriteVerifyError,
+)
+from linectl.modbus.plan import (
+    FC_READ_HOLDING,
+    FC_WRITE_SINGLE,
+    Block,
+    WriteRun,
+    plan_reads,
+    plan_writes,
+)
+from linectl.quality import Quality, Sample
+
+log = logging.getLogger("linectl.modbus")
+
+BACKOFF_START_S: Final = 0.05
+"""First reconnect delay; doubles up to the endpoint's reconnect_max_s."""
+LATENCY_HISTORY: Final = 512
+"""Per function code, how many recent request latencies the stats keep."""
+EWMA_ALPHA: Final = 0.1
+"""Weight of the newest latency in the moving average."""
+CLOCK_FIELD: Final = "clock"
+"""The map field holding the PLC's free-running millisecond clock."""
+
+EXCEPTION_NAMES: Final[dict[int, str]] = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "server device failure",
+    5: "acknowledge",
+    6: "server device busy",
+    10: "gateway path unavailable",
+    11: "gateway target failed to respond",
+}
+
+
+# --------------------------------------------------------------------------- results
+
+
+class BlockRead:
+    """What one poll knows about one block: its registers and their quality.
+
+    GOOD: read in this poll. STALE: this poll's read failed; `registers` are from the
+    last good read, still younger than stale_after_s, with that read's time stamps.
+    COMM_FAIL: no usable registers (`registers` is None).
+    """
+
+    __slots__ = ("block", "host_time_s", "plc_clock_ms", "quality", "registers")
+
+    def __init__(
+        self,
+        block: Block,
+        registers: Sequence[int] | None,
+        quality: Quality,
+        plc_clock_ms: int | None,
+        host_time_s: float,
+    ) -> None:
+        self.block = block
+        self.registers = registers
+        self.quality = quality
+        self.plc_clock_ms = plc_clock_ms
+        self.host_time_s = host_time_s
+
+
+class Snapshot:
+    """One poll's result: a `Sample` per field of the map.
+
+    Fields are decoded when first asked for (a cycle rarely needs all of them), so a
+    poll costs its requests and little else. Read-only by contract.
+    """
+
+    __slots__ = ("_cache", "_index", "connected", "host_time_s", "plc", "reads")
+
+    def __init__(
+        self,
+        plc: PlcName,
+        host_time_s: float,
+        connected: bool,
+        reads: tuple[BlockRead, ...],
+        index: Mapping[str, tuple[int, RegisterField]],
+    ) -> None:
+        self.plc: PlcName = plc
+        self.host_time_s = host_time_s
+        """Link clock when the poll finished."""
+        self.connected = connected
+        """Whether the link had a connection when the poll finished."""
+        self.reads = reads
+        """Per planned block, in plan order."""
+        self._index = index
+        self._cache: dict[str, Sample] = {}
+
+    @property
+    def ok(self) -> bool:
+        """True when every value is GOOD."""
+        return all(r.quality is Quality.GOOD for r in self.reads)
+
+    def get(self, name: str) -> Sample:
+        """The named field's sample; LocalError if the map has no such field."""
+        sample = self._cache.get(name)
+        if sample is not None:
+            return sample
+        try:
+            i, f = self._index[name]
+        except KeyError:
+            raise LocalError(f"{self.plc}: no field {name!r} in the register map") from None
+        r = self.reads[i]
+        if r.registers is None:
+            sample = Sample(None, Quality.COMM_FAIL, None, r.host_time_s)
+        else:
+            lo = f.address - r.block.address
+            value = decode(f, r.registers[lo : lo + f.width])
+            sample = Sample(value, r.quality, r.plc_clock_ms, r.host_time_s)
+        self._cache[name] = sample
+        return sample
+
+    def value(self, name: str) -> float | int | None:
+        """The named field's value (None when COMM_FAIL)."""
+        return self.get(name).value
+
+    def quality(self, name: str) -> Quality:
+        """The named field's quality."""
+        return self.reads[self._field_block(name)].quality
+
+    def _field_block(self, name: str) -> int:
+        try:
+            return self._index[name][0]
+        except KeyError:
+            raise LocalError(f"{self.plc}: no field {name!r} in the register map") from None
+
+    @property
+    def samples(self) -> dict[str, Sample]:
+        """Every field's sample (decodes all of them)."""
+        return {name: self.get(name) for name in self._index}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __repr__(self) -> str:
+        q = ", ".join(f"{r.block.table}@{r.block.address}:{r.quality.value}" for r in self.reads)
+        return f"Snapshot({self.plc}, t={self.host_time_s:.3f}, connected={self.connected}, {q})"
+
+
+@dataclass
+class LinkStats:
+    """Counters and latencies of one link, kept for metrics (all monotonic counts)."""
+
+    polls: int = 0
+    requests: int = 0
+    """Requests sent (each read block, write and read-back counts once)."""
+    requests_by_fc: dict[int, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(
+        default_factory=lambda: {"timeout": 0, "exception": 0, "disconnect": 0, "protocol": 0}
+    )
+    """Failed requests by kind; `protocol` is a malformed or mismatched response."""
+    connects: int = 0
+    """Successful connects, the first one included."""
+    reconnects: int = 0
+    """Successful connects after a lost connection."""
+    connect_failures: int = 0
+    last_latency_s: float | None = None
+    ewma_latency_s: float | None = None
+    latencies_s: dict[int, deque[float]] = field(default_factory=dict, repr=False)
+    """Function code -> the most recent request latencies (bounded)."""
+
+    def count_request(self, fc: int) -> None:
+        """Note one request sent."""
+        self.requests += 1
+        self.requests_by_fc[fc] = self.requests_by_fc.get(fc, 0) + 1
+
+    def record_latency(self, fc: int, latency_s: float) -> None:
+        """Note the round-trip time of one answered request."""
+        self.last_latency_s = latency_s
+        prev = self.ewma_latency_s
+        self.ewma_latency_s = latency_s if prev is None else prev + EWMA_ALPHA * (latency_s - prev)
+        hist = self.latencies_s.get(fc)
+        if hist is None:
+            hist = self.latencies_s[fc] = deque(maxlen=LATENCY_HISTORY)
+        hist.append(latency_s)
+
+
+class _RequestError(Exception):
+    """Internal: one request failed; `kind` is a LinkStats.errors key."""
+
+    def __init__(self, kind: str, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.code = code
+
+
+# --------------------------------------------------------------------------- link
+
+
+def _quiet_pymodbus() -> None:
+    # pymodbus logs every failed connect and timeout; the link logs state changes once.
+    # Only applied when the application has not chosen a level for pymodbus itself.
+    lg = logging.getLogger("pymodbus.logging")
+    if lg.level == logging.NOTSET:
+        lg.setLevel(logging.CRITICAL)
+
+
+class PlcLink:
+    """Modbus TCP link to one PLC, with its own reconnecting background task."""
+
+    def __init__(
+        self,
+        name: PlcName,
+        endpoint: PlcEndpoint,
+        register_map: RegisterMap,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if register_map.plc != name:
+            raise LocalError(f"link {name!r} given the register map of {register_map.plc!r}")
+        self.name: PlcName = name
+        self.endpoint = endpoint
+        self.register_map = register_map
+        self.blocks: tuple[Block, ...] = plan_reads(register_map, endpoint.max_gap)
+        self.stats = LinkStats()
+        self._clock = clock
+        self._client: AsyncModbusTcpClient | None = None
+        self._generation = 0  # tells a stale client's disconnect callback from the current's
+        self._lost = asyncio.Event()
+        self._up_event = asyncio.Event()
+        self._io_lock = asyncio.Lock()
+        self._manager: asyncio.Task[None] | None = None
+        self._closed = False
+        # field name -> (index of its block, field); the clock field's, if the map has one
+        self._index: dict[str, tuple[int, RegisterField]] = {
+            f.name: (i, f) for i, b in enumerate(self.blocks) for f in b.fields
+        }
+        self._clock_at = self._index.get(CLOCK_FIELD)
+        self._last_good: list[BlockRead | None] = [None] * len(self.blocks)
+        self._up: bool | None = None  # None until the first connect attempt ends
+        self._down_since: float | None = None
+        self._answered = False  # the current connection has answered a request
+        self._failing_blocks: set[int] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the connection manager; returns at once (see `wait_connected`)."""
+        if self._manager is not None:
+            raise LocalError(f"{self.name}: link already started")
+        if self._closed:
+            raise LocalError(f"{self.name}: link is closed")
+        _quiet_pymodbus()
+        self._manager = asyncio.create_task(self._manage(), name=f"modbus-link-{self.name}")
+
+    async def close(self) -> None:
+        """Stop the manager and drop the connection. Idempotent."""
+        self._closed = True
+        task, self._manager = self._manager, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._drop_client()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        """True while a TCP connection to the PLC is open."""
+        return self._client is not None and self._client.connected
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until connected, at most timeout_s; returns whether it is."""
+        self._check_running()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._up_event.wait()
+        return self.connected
+
+    def _check_running(self) -> None:
+        if self._closed:
+            raise LocalError(f"{self.name}: link is closed")
+        if self._manager is None:
+            raise LocalError(f"{self.name}: link not started (use start() or async with)")
+
+    # ------------------------------------------------------------------ connection
+
+    async def _manage(self) -> None:
+        delay = BACKOFF_START_S
+        while True:
+            if await self._connect_once():
+                await self._lost.wait()
+                # A connection that answered earns an immediate retry (most losses are our
+                # own drop after one timeout); one that never answered backs off, so a
+                # port that accepts and then drops or stays silent is not hammered.
+                if self._answered:
+                    delay = BACKOFF_START_S
+                    continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.endpoint.reconnect_max_s)
+
+    async def _connect_once(self) -> bool:
+        ep = self.endpoint
+        self._generation += 1
+        gen = self._generation
+
+        def on_connect(up: bool) -> None:
+            if not up and gen == self._generation:
+                self._drop_client()
+                self._mark_down("connection closed by the PLC")
+
+        # pymodbus uses one timeout for connect and for requests; ours are the outer
+        # asyncio timeouts below, so its own must not fire first. Its reconnect and
+        # retries are off: this task reconnects, and a retry would double the wait.
+        client = AsyncModbusTcpClient(
+            ep.host,
+            port=ep.port,
+            name=f"linectl-{self.name}",
+            timeout=max(ep.timeout_s, ep.connect_timeout_s),
+            retries=0,
+            reconnect_delay=0,
+            trace_connect=on_connect,
+        )
+        why = f"cannot connect to {ep.host}:{ep.port}"
+        ok = False
+        try:
+            async with asyncio.timeout(ep.connect_timeout_s):
+                ok = await client.connect()
+        except TimeoutError:
+            why = f"connect to {ep.host}:{ep.port} timed out after {ep.connect_timeout_s} s"
+        except (OSError, ModbusException) as exc:
+            why = f"cannot connect to {ep.host}:{ep.port}: {exc}"
+        except BaseException:
+            client.close()  # cancelled by close(): leave no socket behind
+            raise
+        if not ok or not client.connected:
+            client.close()
+            self.stats.connect_failures += 1
+            self._mark_down(why)
+            return False
+        self._lost.clear()
+        self._client = client
+        self._answered = False
+        self.stats.connects += 1
+        if self.stats.connects > 1:
+            self.stats.reconnects += 1
+        self._mark_up()
+        return True
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        self._generation += 1
+        self._up_event.clear()
+        if client is not None:
+            client.close()
+        self._lost.set()
+
+    def _drop(self, why: str) -> None:
+        """Drop the connection (the manager reconnects) and note why, once."""
+        self._drop_client()
+        self._mark_down(why)
+
+    def _mark_up(self) -> None:
+        ep = self.endpoint
+        if self._up is False and self._down_since is not None:
+            log.info(
+                "%s: link recovered after %.3f s (%s:%d)",
+                self.name,
+                self._clock() - self._down_since,
+                ep.host,
+                ep.port,
+            )
+        elif self._up is None:
+            log.info("%s: link up (%s:%d)", self.name, ep.host, ep.port)
+        self._up = True
+        self._down_since = None
+        self._up_event.set()
+
+    def _mark_down(self, why: str) -> None:
+        if self._up is False:
+            return
+        self._down_since = self._clock()
+        log.warning("%s: link lost: %s" if self._up else "%s: link down: %s", self.name, why)
+        self._up = False
+
+    # ------------------------------------------------------------------ requests
+
+    async def _request(
+        self,
+        fc: int,
+        call: Callable[[AsyncModbusTcpClient], Awaitable[ModbusPDU]],
+        count: int | None = None,
+    ) -> ModbusPDU:
+        """One request with a bounded wait; failures raise _RequestError.
+
+        After a timeout or a malformed answer the connection is dropped: a late answer
+        to this request can then never be taken for the answer to a later one. `count`
+        is the number of registers a read must return.
+        """
+        client = self._client
+        if client is None or not client.connected:
+            raise _RequestError("disconnect", "not connected")
+        self.stats.count_request(fc)
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.endpoint.timeout_s):
+                pdu = await call(client)
+        except (TimeoutError, ModbusIOException) as exc:
+            # ModbusIOException is pymodbus's own "no response" (its timer, not ours).
+            if self._client is not client:  # the PLC closed the socket meanwhile
+                self._fail(client, "disconnect", f"connection lost during FC{fc}", exc)
+            msg = f"no answer within {self.endpoint.timeout_s} s (FC{fc})"
+            self._fail(client, "timeout", msg, exc)
+        except (ConnectionException, OSError) as exc:
+            self._fail(client, "disconnect", f"connection lost (FC{fc}): {exc}", exc)
+        except ModbusException as exc:
+            self._fail(client, "protocol", f"bad answer (FC{fc}): {exc}", exc)
+        if pdu.function_code & 0x7F != fc:
+            # An answer to another request: never decode it as this one's.
+            self._fail(client, "protocol", f"asked FC{fc}, answer is FC{pdu.function_code & 0x7F}")
+        if pdu.isError():
+            code = int(pdu.exception_code)
+            self.stats.errors["exception"] += 1
+            name = EXCEPTION_NAMES.get(code, "unknown")
+            raise _RequestError("exception", f"Modbus exception {code} ({name})", code)
+        if count is not None and len(pdu.registers) != count:
+            got = len(pdu.registers)
+            self._fail(client, "protocol", f"asked FC{fc} for {count} registers, got {got}")
+        self.stats.record_latency(fc, time.perf_counter() - t0)
+        self._answered = True
+        return pdu
+
+    def _fail(
+        self,
+        client: AsyncModbusTcpClient,
+        kind: str,
+        message: str,
+        exc: BaseException | None = None,
+    ) -> NoReturn:
+        self.stats.errors[kind] += 1
+        # Only the connection the request used: the manager may already have a new one.
+        if self._client is client:
+            self._drop(message)
+        raise _RequestError(kind, message) from exc
+
+    async def _read(self, fc: int, address: int, count: int) -> list[int]:
+        unit = self.endpoint.unit_id
+        if fc == FC_READ_HOLDING:
+            pdu = await self._request(
+                fc,
+                lambda c: c.read_holding_registers(address, count=count, device_id=unit),
+                count,
+            )
+        else:
+            pdu = await self._request(
+                fc,
+                lambda c: c.read_input_registers(address, count=count, device_id=unit),
+                count,
+            )
+        return list(pdu.registers)
+
+    # ------------------------------------------------------------------ poll
+
+    async def poll(self) -> Snapshot:
+        """Read every planned block once; never raises on a communication failure."""
+        self._check_running()
+        async with self._io_lock:
+            self.stats.polls += 1
+            got: list[tuple[list[int], float] | None] = [None] * len(self.blocks)
+            for i, block in enumerate(self.blocks):
+                if not self.connected:
+                    break
+                fc = block.function_code
+                try:
+                    regs = await self._read(fc, block.address, block.count)
+                except _RequestError as exc:
+                    if exc.kind == "exception" and i not in self._failing_blocks:
+                        self._failing_blocks.add(i)
+                        log.warning(
+                            "%s: FC%d read of %d registers at %d refused: %s",
+                            self.name,
+                            fc,
+                            block.count,
+                            block.address,
+                            exc,
+                        )
+                    continue
+                if i in self._failing_blocks:
+                    self._failing_blocks.discard(i)
+                    log.info("%s: FC%d read at %d answered again", self.name, fc, block.address)
+                got[i] = (regs, self._clock())
+            now = self._clock()
+            connected = self.connected
+        plc_clock: int | None = None
+        if self._clock_at is not None and (g := got[self._clock_at[0]]) is not None:
+            f = self._clock_at[1]
+            lo = f.address - self.blocks[self._clock_at[0]].address
+            plc_clock = int(decode(f, g[0][lo : lo + f.width]))
+        reads = []
+        for i, block in enumerate(self.blocks):
+            g = got[i]
+            if g is not None:
+                r = BlockRead(block, g[0], Quality.GOOD, plc_clock, g[1])
+                self._last_good[i] = r
+            else:
+                r = self._degraded(i, now)
+            reads.append(r)
+        return Snapshot(self.name, now, connected, tuple(reads), self._index)
+
+    def _degraded(self, i: int, now: float) -> BlockRead:
+        last = self._last_good[i]
+        if last is not None and now - last.host_time_s < self.endpoint.stale_after_s:
+            return BlockRead(
+                last.block, last.registers, Quality.STALE, last.plc_clock_ms, last.host_time_s
+            )
+        return BlockRead(self.blocks[i], None, Quality.COMM_FAIL, None, now)
+
+    # ------------------------------------------------------------------ write
+
+    async def write(self, name: str, value: float, *, verify: bool = True) -> None:
+        """Write one holding field (FC6 or FC16), then read it back unless verify=False."""
+        await self.write_many({name: value}, verify=verify)
+
+    async def write_many(self, values: Mapping[str, float], *, verify: bool = True) -> None:
+        """Write several holding fields; adjacent ones go in one FC16 request.
+
+        Runs are written in address order; on a failure the earlier runs stay written.
+        """
+        self._check_running()
+        runs = plan_writes(self.register_map, values)  # LocalError before any I/O
+        self._require_connected(values)
+        async with self._io_lock:
+            for run in runs:
+                self._require_connected(values)
+                await self._write_run(run, values, verify)
+
+    def _require_connected(self, values: Mapping[str, float]) -> None:
+        if not self.connected:
+            names = ", ".join(values)
+            raise PlcUnavailableError(self.name, f"not connected; {names} not written")
+
+    async def _write_run(self, run: WriteRun, values: Mapping[str, float], verify: bool) -> None:
+        unit = self.endpoint.unit_id
+        what = ", ".join(f"{f.name}={values[f.name]!r}" for f in run.fields)
+        fc = run.function_code
+        try:
+            if fc == FC_WRITE_SINGLE:
+                reg = run.registers[0]
+                await self._request(
+                    fc, lambda c: c.write_register(run.address, reg, device_id=unit)
+                )
+            else:
+                regs = list(run.registers)
+                await self._request(
+                    fc, lambda c: c.write_registers(run.address, regs, device_id=unit)
+                )
+            if not verify:
+                return
+            back = await self._read(FC_READ_HOLDING, run.address, len(run.registers))
+        except _RequestError as exc:
+            raise self._public_error(exc, f"write {what}") from None
+        for f in run.fields:
+            lo = f.address - run.address
+            want = decode(f, run.registers[lo : lo + f.width])
+            got = decode(f, back[lo : lo + f.width])
+            if not _same(want, got):
+                raise WriteVerifyError(
+                    self.name, f"write {f.name}={values[f.name]!r}: read back {got!r}"
+                )
+
+    def _public_error(self, exc: _RequestError, what: str) -> Exception:
+        if exc.kind == "exception":
+            return PlcExceptionError(self.name, f"{what} refused: {exc}", exc.code)
+        if exc.kind == "timeout":
+            return PlcTimeoutError(self.name, f"{what}: {exc}")
+        return PlcUnavailableError(self.name, f"{what}: {exc}")
+
+
+def _same(want: float | int, got: float | int) -> bool:
+    # Both sides went through the same float32 encoding, so only rounding of a PLC
+    # that stores the value differently (e.g. as a scaled integer) can differ.
+    if isinstance(want, int) and isinstance(got, int):
+        return want == got
+    return math.isclose(want, got, rel_tol=1e-6, abs_tol=1e-9)

@@ -1,0 +1,640 @@
+"""The crash-safe record store: reels, metres, alarms, operator actions (process.md, Records).
+
+SQLite through the standard library. Durability: WAL journal with `synchronous=FULL`, so a
+commit returns only after the WAL is on disk; a metre that `add_metres` returned for
+survives a crash of the controller and a power cut of the machine (as far as the disk
+honours fsync). Each public write is one transaction.
+
+Threading: one connection per `RecordStore`, opened with `check_same_thread=False` and
+guarded by a lock, so any thread may call it, one call at a time. The service is meant to
+call it from a single writer thread; readers in other processes (the report) see only
+committed data, thanks to WAL.
+
+Time: every timestamp is an argument (ISO 8601 UTC text); the store never reads a clock.
+`utc_now_iso()` is there for callers that own the clock.
+
+Restart rule: a metre index, once stored, is never stored again, never counted twice and
+never overwritten: the first record of a metre wins (see `add_metres`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from linectl.core.ledger import MetreRecord, Verdict
+from linectl.errors import LocalError
+
+log = logging.getLogger("linectl.store")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA_V1 = """
+CREATE TABLE reels (
+    reel_id          TEXT PRIMARY KEY,
+    line_id          TEXT NOT NULL,
+    recipe_product   TEXT NOT NULL,
+    recipe_version   TEXT NOT NULL,
+    recipe_hash      TEXT NOT NULL,
+    recipe_json      TEXT NOT NULL,
+    operator         TEXT NOT NULL,
+    planned_length_m REAL,
+    started_at       TEXT NOT NULL,
+    ended_at         TEXT,
+    end_reason       TEXT,
+    state            TEXT NOT NULL DEFAULT 'open' CHECK (state IN ('open', 'closed')),
+    start_json       TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX reels_open ON reels (line_id, state);
+CREATE TABLE metres (
+    reel_id      TEXT NOT NULL REFERENCES reels (reel_id),
+    idx          INTEGER NOT NULL CHECK (idx >= 0),
+    dose_kgy     REAL,
+    min_dose_kgy REAL,
+    max_dose_kgy REAL,
+    verdict      TEXT NOT NULL,
+    causes       TEXT NOT NULL DEFAULT '',
+    recorded_at  TEXT NOT NULL,
+    PRIMARY KEY (reel_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE alarms (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    reel_id         TEXT REFERENCES reels (reel_id),
+    kind            TEXT NOT NULL,
+    message         TEXT NOT NULL,
+    raised_at       TEXT NOT NULL,
+    acknowledged_at TEXT,
+    acknowledged_by TEXT,
+    cleared_at      TEXT
+);
+CREATE TABLE events (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    t        TEXT NOT NULL,
+    reel_id  TEXT REFERENCES reels (reel_id),
+    actor    TEXT NOT NULL,
+    action   TEXT NOT NULL,
+    detail   TEXT NOT NULL,
+    accepted INTEGER NOT NULL CHECK (accepted IN (0, 1)),
+    reason   TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX events_reel ON events (reel_id, id);
+CREATE TABLE reel_state (
+    reel_id TEXT NOT NULL REFERENCES reels (reel_id),
+    key     TEXT NOT NULL,
+    value   TEXT NOT NULL,
+    PRIMARY KEY (reel_id, key)
+);
+"""
+
+# Index i holds the script that takes the schema from version i to i + 1.
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+
+
+def utc_now_iso() -> str:
+    """Wall-clock time now, ISO 8601 UTC (for callers that own the clock)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True, slots=True)
+class ReelInfo:
+    """What is known of a reel when it starts. `start` holds what a restarted controller
+    needs to resume its ledger (L0, counter readings at the start), as JSON-able data."""
+
+    reel_id: str
+    line_id: str
+    recipe_product: str
+    recipe_version: str
+    recipe_hash: str  # sha256 of the recipe file's content
+    recipe_json: str  # the recipe as validated, JSON text
+    operator: str
+    planned_length_m: float | None
+    started_at: str
+    start: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ReelRecord(ReelInfo):
+    """A stored reel: its start information and how (whether) it ended."""
+
+    state: str = "open"  # "open" or "closed"
+    ended_at: str | None = None
+    end_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMetre:
+    """One stored metre. Doses are None for a metre recorded unproven without any dose."""
+
+    index: int
+    dose_kgy: float | None
+    min_dose_kgy: float | None
+    max_dose_kgy: float | None
+    verdict: Verdict
+    causes: tuple[str, ...]
+    recorded_at: str
+
+    def to_record(self) -> MetreRecord:
+        """As a ledger record (NaN for doses not known)."""
+        nan = math.nan
+        return MetreRecord(
+            self.index,
+            nan if self.dose_kgy is None else self.dose_kgy,
+            nan if self.min_dose_kgy is None else self.min_dose_kgy,
+            nan if self.max_dose_kgy is None else self.max_dose_kgy,
+            self.verdict,
+            self.causes,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """One alarm occurrence and its lifecycle."""
+
+    id: int
+    reel_id: str | None
+    kind: str
+    message: str
+    raised_at: str
+    acknowledged_at: str | None
+    acknowledged_by: str | None
+    cleared_at: str | None
+
+    @property
+    def active(self) -> bool:
+        """Shown until it is both cleared and acknowledged (latched alarms)."""
+        return self.cleared_at is None or self.acknowledged_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One operator action or command, accepted or refused, and why."""
+
+    id: int
+    t: str
+    reel_id: str | None
+    actor: str
+    action: str
+    detail: dict[str, Any]
+    accepted: bool
+    reason: str
+
+
+def _finite(x: float) -> float | None:
+    # SQLite stores NaN as NULL anyway; say so explicitly.
+    return x if math.isfinite(x) else None
+
+
+def _causes_text(causes: Sequence[str]) -> str:
+    return ",".join(causes)
+
+
+def _causes_tuple(text: str) -> tuple[str, ...]:
+    return tuple(c for c in text.split(",") if c)
+
+
+class RecordStore:
+    """The records of one line (or several) in one SQLite file."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per public write.
+        self._db = sqlite3.connect(
+            str(path), isolation_level=None, check_same_thread=False, timeout=10.0
+        )
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close the connection (a checkpoint folds the WAL into the database)."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> RecordStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken at once (IMMEDIATE) so it cannot fail half way on
+        a lock upgrade; rolled back on any error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def _migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION, one step per transaction."""
+        db = self._db
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = db.execute("SELECT version FROM schema_version").fetchone()
+        version = 0 if row is None else int(row[0])
+        if version > SCHEMA_VERSION:
+            raise LocalError(
+                f"{self.path}: record schema version {version} is newer than this linectl "
+                f"understands ({SCHEMA_VERSION})"
+            )
+        while version < SCHEMA_VERSION:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _MIGRATIONS[version].split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+                db.execute("DELETE FROM schema_version")
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (version + 1,))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            version += 1
+
+    def schema_version(self) -> int:
+        """The schema version of the open database."""
+        return int(self._query("SELECT version FROM schema_version")[0][0])
+
+    def integrity_check(self) -> str:
+        """SQLite's own check: 'ok' when the file is sound."""
+        return str(self._query("PRAGMA integrity_check")[0][0])
+
+    # ------------------------------------------------------------------ reels
+
+    def open_reel(self, reel: ReelInfo) -> None:
+        """Record the start of a reel; LocalError if the reel id exists already."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM reels WHERE reel_id = ?", (reel.reel_id,)).fetchone():
+                raise LocalError(f"reel {reel.reel_id!r} exists already: a reel id is used once")
+            db.execute(
+                "INSERT INTO reels (reel_id, line_id, recipe_product, recipe_version, "
+                "recipe_hash, recipe_json, operator, planned_length_m, started_at, start_json) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    reel.reel_id,
+                    reel.line_id,
+                    reel.recipe_product,
+                    reel.recipe_version,
+                    reel.recipe_hash,
+                    reel.recipe_json,
+                    reel.operator,
+                    reel.planned_length_m,
+                    reel.started_at,
+                    json.dumps(dict(reel.start), sort_keys=True),
+                ),
+            )
+
+    _REEL_COLUMNS = (
+        "reel_id, line_id, recipe_product, recipe_version, recipe_hash, recipe_json, "
+        "operator, planned_length_m, started_at, start_json, state, ended_at, end_reason"
+    )
+
+    @staticmethod
+    def _reel_from_row(row: Sequence[Any]) -> ReelRecord:
+        return ReelRecord(
+            reel_id=row[0],
+            line_id=row[1],
+            recipe_product=row[2],
+            recipe_version=row[3],
+            recipe_hash=row[4],
+            recipe_json=row[5],
+            operator=row[6],
+            planned_length_m=row[7],
+            started_at=row[8],
+            start=json.loads(row[9]),
+            state=row[10],
+            ended_at=row[11],
+            end_reason=row[12],
+        )
+
+    def find_open_reel(self, line_id: str) -> ReelRecord | None:
+        """The reel of this line still open (after a restart: the one to resume or close)."""
+        rows = self._query(
+            f"SELECT {self._REEL_COLUMNS} FROM reels WHERE line_id = ? AND state = 'open' "
+            "ORDER BY started_at DESC, rowid DESC",
+            (line_id,),
+        )
+        if len(rows) > 1:
+            log.warning(
+                "line %s has %d open reels; returning the latest started", line_id, len(rows)
+            )
+        return self._reel_from_row(rows[0]) if rows else None
+
+    def reel(self, reel_id: str) -> ReelRecord:
+        """A stored reel; LocalError if unknown."""
+        rows = self._query(f"SELECT {self._REEL_COLUMNS} FROM reels WHERE reel_id = ?", (reel_id,))
+        if not rows:
+            raise LocalError(f"no reel {reel_id!r} in {self.path}")
+        return self._reel_from_row(rows[0])
+
+    def reels(self) -> list[ReelRecord]:
+        """Every reel, oldest start first."""
+        rows = self._query(f"SELECT {self._REEL_COLUMNS} FROM reels ORDER BY started_at, rowid")
+        return [self._reel_from_row(r) for r in rows]
+
+    def close_reel(self, reel_id: str, ended_at: str, reason: str) -> None:
+        """Record the end of a reel; LocalError if unknown or closed already."""
+        with self._tx() as db:
+            self._require_open(db, reel_id)
+            db.execute(
+                "UPDATE reels SET state = 'closed', ended_at = ?, end_reason = ? WHERE reel_id = ?",
+                (ended_at, reason, reel_id),
+            )
+
+    @staticmethod
+    def _require_open(db: sqlite3.Connection, reel_id: str) -> None:
+        row = db.execute("SELECT state FROM reels WHERE reel_id = ?", (reel_id,)).fetchone()
+        if row is None:
+            raise LocalError(f"no reel {reel_id!r}")
+        if row[0] != "open":
+            raise LocalError(f"reel {reel_id!r} is closed: its records are final")
+
+    # ------------------------------------------------------------------ metres
+
+    def add_metres(
+        self,
+        reel_id: str,
+        records: Sequence[MetreRecord],
+        recorded_at: str,
+        *,
+        state: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> int:
+        """Store final metres in one transaction; return how many were new.
+
+        `state` (key -> value, as in `save_state`) is saved in the same transaction, so a
+        ledger checkpoint and the metres it accounts for are never out of step on disk.
+
+        A metre index already stored is ignored (INSERT OR IGNORE): the first record of a
+        metre wins and is never counted twice. A repeat with other content (a replay after
+        a restart, or a metre marked unproven before) is logged as a warning and dropped:
+        a stored verdict is never replaced, so nothing marked unproven or out of spec can
+        later turn in spec. LocalError if the reel is unknown or closed.
+        """
+        if not records and not state:
+            return 0
+        inserted = 0
+        conflicts: list[int] = []
+        with self._tx() as db:
+            self._require_open(db, reel_id)
+            for rec in records:
+                row = (
+                    reel_id,
+                    rec.index,
+                    _finite(rec.dose_kgy),
+                    _finite(rec.min_dose_kgy),
+                    _finite(rec.max_dose_kgy),
+                    rec.verdict.value,
+                    _causes_text(rec.causes),
+                    recorded_at,
+                )
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO metres (reel_id, idx, dose_kgy, min_dose_kgy, "
+                    "max_dose_kgy, verdict, causes, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                if cur.rowcount == 1:
+                    inserted += 1
+                    continue
+                old = db.execute(
+                    "SELECT dose_kgy, min_dose_kgy, max_dose_kgy, verdict, causes FROM metres "
+                    "WHERE reel_id = ? AND idx = ?",
+                    (reel_id, rec.index),
+                ).fetchone()
+                if tuple(old) != row[2:7]:
+                    conflicts.append(rec.index)
+            for key, value in (state or {}).items():
+                self._put_state(db, reel_id, key, value)
+        if conflicts:
+            log.warning(
+                "reel %s: %d metre(s) came again with other content and were kept as first "
+                "stored (indices %s)",
+                reel_id,
+                len(conflicts),
+                _ranges_text(conflicts),
+            )
+        return inserted
+
+    def last_metre_index(self, reel_id: str) -> int | None:
+        """The highest metre index stored for the reel (None when none is)."""
+        value = self._query("SELECT MAX(idx) FROM metres WHERE reel_id = ?", (reel_id,))[0][0]
+        return None if value is None else int(value)
+
+    def metre_count(self, reel_id: str) -> int:
+        """How many metres are stored for the reel."""
+        return int(self._query("SELECT COUNT(*) FROM metres WHERE reel_id = ?", (reel_id,))[0][0])
+
+    def mark_unproven(
+        self, reel_id: str, first_idx: int, last_idx: int, cause: str, recorded_at: str
+    ) -> int:
+        """Record metres first_idx..last_idx (inclusive) as unproven, without a dose, where
+        nothing is stored yet (a restarted controller could not see them); return how many
+        were new. Metres already stored keep their record."""
+        if first_idx < 0 or last_idx < first_idx:
+            raise LocalError(f"bad metre range {first_idx}..{last_idx}")
+        with self._tx() as db:
+            self._require_open(db, reel_id)
+            cur = db.executemany(
+                "INSERT OR IGNORE INTO metres (reel_id, idx, dose_kgy, min_dose_kgy, "
+                "max_dose_kgy, verdict, causes, recorded_at) "
+                "VALUES (?, ?, NULL, NULL, NULL, ?, ?, ?)",
+                (
+                    (reel_id, i, Verdict.UNPROVEN.value, cause, recorded_at)
+                    for i in range(first_idx, last_idx + 1)
+                ),
+            )
+            return int(cur.rowcount)
+
+    def metres(self, reel_id: str) -> list[StoredMetre]:
+        """Every stored metre of the reel, by index."""
+        rows = self._query(
+            "SELECT idx, dose_kgy, min_dose_kgy, max_dose_kgy, verdict, causes, recorded_at "
+            "FROM metres WHERE reel_id = ? ORDER BY idx",
+            (reel_id,),
+        )
+        return [
+            StoredMetre(r[0], r[1], r[2], r[3], Verdict(r[4]), _causes_tuple(r[5]), r[6])
+            for r in rows
+        ]
+
+    # ------------------------------------------------------------------ alarms
+
+    def raise_alarm(
+        self, kind: str, message: str, raised_at: str, reel_id: str | None = None
+    ) -> int:
+        """Record a new alarm; return its id."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO alarms (reel_id, kind, message, raised_at) VALUES (?, ?, ?, ?)",
+                (reel_id, kind, message, raised_at),
+            )
+            assert cur.lastrowid is not None
+            return int(cur.lastrowid)
+
+    def ack_alarm(self, alarm_id: int, by: str, at: str) -> None:
+        """Acknowledge an alarm; a second acknowledgement keeps the first one's time."""
+        with self._tx() as db:
+            self._require_alarm(db, alarm_id)
+            db.execute(
+                "UPDATE alarms SET acknowledged_at = ?, acknowledged_by = ? "
+                "WHERE id = ? AND acknowledged_at IS NULL",
+                (at, by, alarm_id),
+            )
+
+    def clear_alarm(self, alarm_id: int, at: str) -> None:
+        """Record that an alarm's condition has gone; clearing twice keeps the first time."""
+        with self._tx() as db:
+            self._require_alarm(db, alarm_id)
+            db.execute(
+                "UPDATE alarms SET cleared_at = ? WHERE id = ? AND cleared_at IS NULL",
+                (at, alarm_id),
+            )
+
+    @staticmethod
+    def _require_alarm(db: sqlite3.Connection, alarm_id: int) -> None:
+        if db.execute("SELECT 1 FROM alarms WHERE id = ?", (alarm_id,)).fetchone() is None:
+            raise LocalError(f"no alarm {alarm_id}")
+
+    _ALARM_COLUMNS = (
+        "id, reel_id, kind, message, raised_at, acknowledged_at, acknowledged_by, cleared_at"
+    )
+
+    def active_alarms(self) -> list[Alarm]:
+        """Alarms not yet both cleared and acknowledged, oldest first."""
+        rows = self._query(
+            f"SELECT {self._ALARM_COLUMNS} FROM alarms "
+            "WHERE cleared_at IS NULL OR acknowledged_at IS NULL ORDER BY id"
+        )
+        return [Alarm(*r) for r in rows]
+
+    def alarms(self, reel_id: str | None = None) -> list[Alarm]:
+        """Every alarm (of one reel when given), oldest first."""
+        if reel_id is None:
+            rows = self._query(f"SELECT {self._ALARM_COLUMNS} FROM alarms ORDER BY id")
+        else:
+            rows = self._query(
+                f"SELECT {self._ALARM_COLUMNS} FROM alarms WHERE reel_id = ? ORDER BY id",
+                (reel_id,),
+            )
+        return [Alarm(*r) for r in rows]
+
+    # ------------------------------------------------------------------ audit
+
+    def audit(
+        self,
+        t: str,
+        actor: str,
+        action: str,
+        detail: Mapping[str, Any],
+        accepted: bool,
+        *,
+        reason: str = "",
+        reel_id: str | None = None,
+    ) -> int:
+        """Record an operator action or command, accepted or refused; return its id."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO events (t, reel_id, actor, action, detail, accepted, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    t,
+                    reel_id,
+                    actor,
+                    action,
+                    json.dumps(dict(detail), sort_keys=True),
+                    int(accepted),
+                    reason,
+                ),
+            )
+            assert cur.lastrowid is not None
+            return int(cur.lastrowid)
+
+    def events(self, reel_id: str | None = None) -> list[AuditEvent]:
+        """Audit events (of one reel when given), in the order recorded."""
+        cols = "id, t, reel_id, actor, action, detail, accepted, reason"
+        if reel_id is None:
+            rows = self._query(f"SELECT {cols} FROM events ORDER BY id")
+        else:
+            rows = self._query(
+                f"SELECT {cols} FROM events WHERE reel_id = ? ORDER BY id", (reel_id,)
+            )
+        return [
+            AuditEvent(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), bool(r[6]), r[7])
+            for r in rows
+        ]
+
+    # ------------------------------------------------------------------ controller state
+
+    def save_state(self, reel_id: str, key: str, value: Mapping[str, Any]) -> None:
+        """Store (replace) a piece of controller state for the reel, e.g. its ledger
+        checkpoint. Save it in the same order as the metres it accounts for: after them."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM reels WHERE reel_id = ?", (reel_id,)).fetchone() is None:
+                raise LocalError(f"no reel {reel_id!r}")
+            self._put_state(db, reel_id, key, value)
+
+    @staticmethod
+    def _put_state(
+        db: sqlite3.Connection, reel_id: str, key: str, value: Mapping[str, Any]
+    ) -> None:
+        db.execute(
+            "INSERT INTO reel_state (reel_id, key, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (reel_id, key) DO UPDATE SET value = excluded.value",
+            (reel_id, key, json.dumps(dict(value), sort_keys=True)),
+        )
+
+    def load_state(self, reel_id: str, key: str) -> dict[str, Any] | None:
+        """A piece of controller state saved for the reel, or None."""
+        rows = self._query(
+            "SELECT value FROM reel_state WHERE reel_id = ? AND key = ?", (reel_id, key)
+        )
+        if not rows:
+            return None
+        value = json.loads(rows[0][0])
+        assert isinstance(value, dict)
+        return value
+
+
+def _ranges_text(indices: Sequence[int]) -> str:
+    """'3-5, 9' for [3, 4, 5, 9] (sorted input)."""
+    parts: list[str] = []
+    start = prev = indices[0]
+    for i in [*indices[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(parts)

@@ -1,0 +1,52 @@
+"""Shared fixtures: free ports, the default configuration, a running simulated line."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from linectl.config import LoadedConfig, load_config
+
+if TYPE_CHECKING:
+    from simulators.server import SimulatedLine
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "config"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def free_tcp_port() -> int:
+    """A free port on 127.0.0.1."""
+    return free_port()
+
+
+@pytest.fixture
+def config_dir() -> Path:
+    """The bundled configuration directory (do not modify: copy it to tmp_path first)."""
+    return CONFIG_DIR
+
+
+@pytest.fixture
+def cfg() -> LoadedConfig:
+    """The bundled default configuration (config/), environment overrides ignored."""
+    return load_config(CONFIG_DIR, environ={})
+
+
+@pytest.fixture
+async def line(cfg: LoadedConfig) -> AsyncIterator[SimulatedLine]:
+    """Both simulated PLCs serving the default maps on free ports."""
+    from simulators.server import SimulatedLine
+
+    async with SimulatedLine(cfg, seed=1) as sim:
+        yield sim
