@@ -27,12 +27,14 @@ from linectl.config import (
     load_config,
     load_recipe,
 )
+from linectl.daemon import add_run_parser
+from linectl.demo import add_demo_parser
 from linectl.errors import ConfigError, LinectlError
+from linectl.report import add_report_parser
 
 log = logging.getLogger("linectl.cli")
 
 EXIT_OK = 0
-EXIT_NOT_DONE = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports
@@ -158,13 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(handler=_cmd_sim)
 
-    # demo ----------------------------------------------------------------------
-    demo = commands.add_parser(
-        "demo",
-        help="run the simulated line end to end (not implemented yet)",
-        description="Run simulators, controller and a reel end to end. Not implemented yet.",
-    )
-    demo.set_defaults(handler=_cmd_demo)
+    # run, report, demo ---------------------------------------------------------
+    add_run_parser(commands)
+    add_report_parser(commands)
+    add_demo_parser(commands)
     return parser
 
 
@@ -309,11 +308,6 @@ def _cmd_sim(args: argparse.Namespace, out: TextIO) -> int:
     except SystemExit as exc:  # its argparse on --help or a usage error
         code = exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     return EXIT_OK if code is None else int(code)
-
-
-def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
-    print("linectl demo: not implemented yet", file=sys.stderr)
-    return EXIT_NOT_DONE
 
 
 # --------------------------------------------------------------------------- main

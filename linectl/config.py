@@ -343,6 +343,13 @@ class LineConfig(_Strict):
     """Record store."""
     recipes_dir: str = "recipes"
     """Directory of recipe files, relative to the configuration directory."""
+    default_recipe: str | None = None
+    """Recipe (file stem) the daemon selects at start; None: the first in recipes_dir."""
+    watchdog_timeout_ms: Annotated[int, Field(ge=100, le=10000)] = 500
+    """Watchdog timeout written to both PLCs: they make the line safe by themselves if
+    the controller stops changing their watchdog register for this long."""
+    line_ramp_m_min_s: Annotated[float, Field(gt=0, le=120)] = 30.0
+    """Conveyor ramp_rate written at connect (acceleration limit, m/min per s)."""
 
 
 # --------------------------------------------------------------------------- recipe

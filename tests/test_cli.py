@@ -153,9 +153,17 @@ def test_schema_to_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     assert "wrote" in capsys.readouterr().out
 
 
-def test_demo_is_not_implemented_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo"]) == 1
-    assert "not implemented" in capsys.readouterr().err
+@pytest.mark.parametrize("command", ["demo", "run", "report"])
+def test_daemon_commands_explain_themselves(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, "--help"]) == 0
+    assert "--config" in capsys.readouterr().out
+
+
+def test_run_refuses_a_reel_without_length(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--config", str(CONFIG_DIR), "--reel", "R1"]) == 2
+    assert "--length" in capsys.readouterr().err
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -131,12 +131,30 @@ def test_a_gap_marks_the_cable_under_every_pass_unproven() -> None:
     assert unproven == expected
 
 
-def test_missing_charge_reading_is_unproven() -> None:
+def test_a_missed_sample_costs_nothing_a_long_one_is_unproven() -> None:
     ledger = new_ledger()
     ledger.start(LedgerSample(0.0, 0.0, 0.0, 100.0))
-    recs, _q, length, t = run(ledger, current_ma=40.0, speed_m_min=80.0, seconds=30.0)
+    recs, q, length, t = run(ledger, current_ma=40.0, speed_m_min=80.0, seconds=30.0)
+    # One cycle without the charge: the next good sample covers the interval exactly.
     recs += ledger.update(LedgerSample(t + 0.05, None, length + 80.0 / 60.0 * 0.05, 100.0))
+    more, q, length, t = run(
+        ledger, current_ma=40.0, speed_m_min=80.0, seconds=90.0, q0=q, l0=length, t0=t
+    )
+    recs += more
     assert any(e.kind == "missing" for e in ledger.events)
+    assert all(r.verdict is Verdict.IN_SPEC for r in recs)
+    # Twenty cycles without the length: a 1 s gap, too long to bound.
+    for i in range(1, 21):
+        ledger.update(LedgerSample(t + 0.05 * i, q + 2000.0 * i, None, 100.0))
+    t += 1.0
+    q += 40_000.0
+    length += 80.0 / 60.0
+    recs += ledger.update(LedgerSample(t, q, length, 100.0))
+    more, *_ = run(ledger, current_ma=40.0, speed_m_min=80.0, seconds=90.0, q0=q, l0=length, t0=t)
+    recs += more
+    assert any(e.kind == "gap" for e in ledger.events)
+    assert any(r.verdict is Verdict.UNPROVEN for r in recs)
+    assert not any(r.verdict is Verdict.OVER_DOSE for r in recs)
 
 
 def test_standstill_under_beam_is_over_dose() -> None:

@@ -184,6 +184,10 @@ class Controller:
     _phase_t_s: float = 0.0
     _trip_t_s: float | None = None
     _acc_lost_t_s: float | None = None
+    # A PLC not yet seen answering is just not connected yet; losing one that answered
+    # is an alarm.
+    _acc_seen: bool = False
+    _cnv_seen: bool = False
     _last_t_s: float | None = None
     _reset_pending: bool = False
     _cycle: int = 0
@@ -197,6 +201,12 @@ class Controller:
     def v_min(self) -> float:
         """Minimum line speed with beam on, m/min."""
         return self.recipe.speed_min_m_min
+
+    @property
+    def v_low(self) -> float:
+        """The lowest speed the controller runs the beam at, m/min: a speed tolerance above
+        v_min, so that speed ripple at the low operating point never cuts the beam."""
+        return self.v_min * (1 + self.tuning.speed_tolerance)
 
     @property
     def v_max(self) -> float:
@@ -262,6 +272,13 @@ class Controller:
         self.reel = None
         return plan
 
+    def restore_reel(self, plan: ReelPlan, *, started: bool) -> None:
+        """Adopt a reel found open in the records after a restart: it can be resumed
+        (request_start with the same id) but not replaced until it is closed."""
+        if self.reel is not None:
+            raise CommandRefused(f"reel {self.reel.plan.reel_id} is already loaded")
+        self.reel = _Reel(plan, started=started)
+
     def take_events(self) -> tuple[list[Transition], list[Alarm]]:
         """Transitions and new alarms since the last call (operator requests included)."""
         events = (self.transitions, self.new_alarms)
@@ -292,6 +309,8 @@ class Controller:
         )
 
         # 1. Data quality first: unknown is never treated as fine.
+        self._acc_seen |= acc.ok
+        self._cnv_seen |= cnv.ok
         if not acc.ok or not cnv.ok:
             out = self._offline(t_s, acc, cnv, out)
             self._out = out
@@ -324,8 +343,10 @@ class Controller:
             case LineState.OFFLINE:  # pragma: no cover - left above
                 out = self._safe(out)
 
-        # 5. Last word: the beam is never on below minimum speed.
-        if out.beam_on and cnv.speed_m_min < self.v_min * (1 - self.tuning.speed_tolerance):
+        # 5. Last word: the beam is never requested on a line that is not running or is
+        # below the recipe's minimum speed (strictly; the controller's own low operating
+        # point, v_low, sits a tolerance above it).
+        if out.beam_on and (not cnv.running or cnv.speed_m_min < self.v_min):
             out = replace(out, beam_on=False)
         self._out = out
         return out
@@ -333,16 +354,23 @@ class Controller:
     # ------------------------------------------------------------------ pieces
 
     def _offline(self, t_s: float, acc: AccView, cnv: CnvView, out: Outputs) -> Outputs:
+        self._acc_seen |= acc.ok
+        self._cnv_seen |= cnv.ok
+        if acc.ok:
+            # The hold is measured from the latest loss of the accelerator link.
+            self._acc_lost_t_s = None
         if not cnv.ok:
             # The conveyor is unknown: the cable may be standing. Beam off at once on the
             # PLC that still answers; the conveyor's own watchdog stops the line.
-            self._alarm(t_s, "conveyor_link", "conveyor data lost or stale: beam off")
+            if self._cnv_seen:
+                self._alarm(t_s, "conveyor_link", "conveyor data lost or stale: beam off")
             out = replace(out, beam_on=False, beam_current_sp_ma=0.0)
         if not acc.ok:
             # The accelerator is unknown: its beam may still be on and we cannot switch
             # it off. Stopping the line now could burn the cable, so hold the speed until
             # the accelerator's watchdog has certainly cut the beam, then stop.
-            self._alarm(t_s, "accelerator_link", "accelerator data lost or stale")
+            if self._acc_seen:
+                self._alarm(t_s, "accelerator_link", "accelerator data lost or stale")
             if self._acc_lost_t_s is None:
                 self._acc_lost_t_s = t_s
             held = t_s - self._acc_lost_t_s < self.tuning.acc_lost_hold_s
@@ -486,7 +514,6 @@ class Controller:
     def _starting(
         self, t_s: float, dt_s: float, acc: AccView, cnv: CnvView, out: Outputs
     ) -> Outputs:
-        tol = self.tuning.speed_tolerance
         if t_s - self._phase_t_s > self.tuning.start_timeout_s:
             self._alarm(t_s, "start_timeout", f"start phase {self._phase.value} did not complete")
             self._to(t_s, LineState.FAULT, f"start timed out in phase {self._phase.value}")
@@ -501,12 +528,14 @@ class Controller:
                 if acc.hv_on and acc.ready and energy_ok and acc.scan_ok:
                     self._phase, self._phase_t_s = StartPhase.LINE, t_s
             case StartPhase.LINE:
-                sp = self._ramp_speed(dt_s, self._out.speed_sp_m_min, self.v_min)
+                sp = self._ramp_speed(dt_s, self._out.speed_sp_m_min, self.v_low)
                 out = replace(out, run=True, speed_sp_m_min=sp, beam_on=False)
-                if cnv.running and cnv.speed_m_min >= self.v_min * (1 - tol / 2):
+                if cnv.running and cnv.speed_m_min >= self.v_min:
                     self._phase, self._phase_t_s = StartPhase.BEAM, t_s
             case StartPhase.BEAM:
-                out = replace(out, run=True, speed_sp_m_min=self.v_min, beam_on=True)
+                # Keep ramping: a jump of the set-point would also jump the current's lead.
+                sp = self._ramp_speed(dt_s, self._out.speed_sp_m_min, self.v_low)
+                out = replace(out, run=True, speed_sp_m_min=sp, beam_on=True)
                 out = self._follow_current(out, acc, cnv, dt_s)
                 target = out.beam_current_sp_ma
                 if acc.beam_on and abs(acc.beam_current_ma - target) <= max(0.03 * target, 0.2):
@@ -549,7 +578,7 @@ class Controller:
                 self._to(t_s, LineState.STOPPING, f"beam outage of {outage:.1f} s")
                 return self._stopping(t_s, dt_s, acc, cnv, out)
             if outage > self.tuning.ride_through_s:
-                target = self.v_min  # little cable passes unirradiated while we wait
+                target = self.v_low  # little cable passes unirradiated while we wait
         else:
             self._trip_t_s = None
         sp = self._ramp_speed(dt_s, self._out.speed_sp_m_min or cnv.speed_m_min, target)

@@ -155,11 +155,16 @@ class DoseLedger:
         """Index of the first metre that is not final yet."""
         return self._next_metre
 
-    def start(self, sample: LedgerSample) -> None:
-        """Begin the reel: coordinate 0 is the cable at the counter now (L0)."""
-        if sample.length_m is None:
-            raise ValueError("a reel can start only on a GOOD length reading")
-        self._pos_m = 0.0
+    def start(self, sample: LedgerSample, *, position_m: float = 0.0, next_metre: int = 0) -> None:
+        """Begin the reel: coordinate 0 is the cable at the counter now (L0).
+
+        A restarted controller resumes with the reel coordinate now at the counter and
+        the first metre it has not recorded; it has marked the ones it could not see.
+        """
+        if sample.length_m is None or sample.charge_uc is None:
+            raise ValueError("a reel can start only on GOOD length and charge readings")
+        self._pos_m = position_m
+        self._next_metre = next_metre
         self._last = sample
 
     # ------------------------------------------------------------------ update
@@ -172,14 +177,24 @@ class DoseLedger:
         dt_s = sample.t_s - prev.t_s
         if dt_s <= 0:
             return []  # same cycle twice, or a clock step: nothing to account
-        if sample.length_m is None:
-            # Without the length we cannot place anything: wait; the gap check below
-            # marks what the missing time covers once the length is back.
-            self.events.append(IntervalEvent(sample.t_s, "missing", "length not GOOD"))
+        missing = [
+            name
+            for name, v in (
+                ("length", sample.length_m),
+                ("beam charge", sample.charge_uc),
+                ("scan width", sample.scan_width_cm),
+            )
+            if v is None or (name == "scan width" and v <= 0)
+        ]
+        if missing:
+            # Counters make a skipped sample harmless: the next good pair accounts the
+            # whole interval exactly, and the gap check below marks it unproven if it
+            # grew too long to bound where the dose went.
+            self.events.append(IntervalEvent(sample.t_s, "missing", ", ".join(missing)))
             return []
-        if prev.length_m is None:  # pragma: no cover - prev is always a sample with length
-            self._last = sample
-            return []
+        assert prev.length_m is not None
+        assert prev.charge_uc is not None
+        assert sample.length_m is not None
         d_len_m, len_ok = self._delta(
             prev.length_m,
             sample.length_m,
@@ -209,14 +224,9 @@ class DoseLedger:
         reason = None
         if dt_s > self.limits.max_interval_s:
             reason = IntervalEvent(sample.t_s, "gap", f"{dt_s:.3f} s without data")
-        elif sample.charge_uc is None or prev.charge_uc is None:
-            reason = IntervalEvent(sample.t_s, "missing", "beam charge not GOOD")
-        elif sample.scan_width_cm is None or sample.scan_width_cm <= 0:
-            reason = IntervalEvent(sample.t_s, "missing", "scan width not GOOD")
         d_q_uc = 0.0
         if reason is None:
             assert sample.charge_uc is not None
-            assert prev.charge_uc is not None
             d_q_uc, q_ok = self._delta(
                 prev.charge_uc,
                 sample.charge_uc,
