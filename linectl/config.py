@@ -319,6 +319,33 @@ class Geometry(_Strict):
         return self.offset_m(self.passes - 1)
 
 
+class ControlTuning(_Strict):
+    """Controller parameters (`[control]` in line.toml); defaults suit the reference line."""
+
+    current_lag_s: Annotated[float, Field(ge=0, le=5)] = 0.15
+    """The accelerator's current lag: the set-point leads the measured speed by this."""
+    current_ramp_ma_s: Annotated[float, Field(gt=0, le=1000)] = 15.0
+    """The accelerator's current ramp limit, mA/s."""
+    line_ramp_m_min_s: Annotated[float, Field(gt=0, le=120)] = 30.0
+    """Upper bound of the line's acceleration, m/min per s; also written to the conveyor's
+    ramp_rate at connect."""
+    relative_ramp_per_s: Annotated[float, Field(gt=0, le=10)] = 0.25
+    """At low speed, accelerate by at most this fraction of the speed per second: the
+    current's lag then costs at most current_lag_s * this of the dose."""
+    ride_through_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    """A beam trip shorter than this is ridden through at speed."""
+    trip_stop_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    """A beam outage longer than this stops the line (it slows to minimum speed first)."""
+    start_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15.0
+    """Each start phase must complete within this."""
+    acc_lost_hold_s: Annotated[float, Field(gt=0, le=60)] = 0.7
+    """After the accelerator link is lost the line keeps moving this long, longer than the
+    accelerator's watchdog timeout, so a beam we can no longer switch off never stands on
+    a stopped cable; then it stops."""
+    speed_tolerance: Annotated[float, Field(gt=0, lt=0.5)] = 0.02
+    """Relative speed tolerance for 'reached'."""
+
+
 class Records(_Strict):
     """Where records go."""
 
@@ -348,8 +375,25 @@ class LineConfig(_Strict):
     watchdog_timeout_ms: Annotated[int, Field(ge=100, le=10000)] = 500
     """Watchdog timeout written to both PLCs: they make the line safe by themselves if
     the controller stops changing their watchdog register for this long."""
-    line_ramp_m_min_s: Annotated[float, Field(gt=0, le=120)] = 30.0
-    """Conveyor ramp_rate written at connect (acceleration limit, m/min per s)."""
+    control: ControlTuning = Field(default_factory=ControlTuning)
+    """Controller tuning."""
+
+    @model_validator(mode="after")
+    def _check(self) -> LineConfig:
+        hold_min_s = self.watchdog_timeout_ms / 1000.0 + 2 * self.cycle_period_s
+        if self.control.acc_lost_hold_s < hold_min_s:
+            raise ValueError(
+                f"control.acc_lost_hold_s {self.control.acc_lost_hold_s} s must exceed "
+                f"watchdog_timeout_ms / 1000 + two cycles = {hold_min_s:g} s: the line must "
+                "keep moving until the accelerator's own watchdog has cut the beam"
+            )
+        if self.watchdog_timeout_ms / 1000.0 < 3 * self.cycle_period_s:
+            raise ValueError(
+                f"watchdog_timeout_ms {self.watchdog_timeout_ms} is shorter than three "
+                f"control cycles ({3 * self.cycle_period_s:g} s): the PLCs would trip in "
+                "normal operation"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- recipe

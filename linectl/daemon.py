@@ -40,6 +40,11 @@ def add_run_parser(commands: Any) -> None:
         action="store_true",
         help="reset latched PLC faults and alarms once at start (an operator action, audited)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume the reel an earlier run left unfinished (found in the records)",
+    )
     p.add_argument("--exit-after-reel", action="store_true", help="exit when the reel is complete")
     p.set_defaults(handler=run_command)
 
@@ -55,8 +60,12 @@ def run_command(args: argparse.Namespace, out: TextIO) -> int:
     service = LineService(cfg, recipe, recipe_path, store_path=args.db)
     if args.reset_faults:
         service.request_reset()
+    if args.reel and args.resume:
+        raise LocalError("give --reel for a new reel or --resume for an unfinished one, not both")
     if args.reel:
         service.request_reel(ReelRequest(args.reel, args.length, args.operator))
+    if args.resume:
+        service.request_resume(args.operator)
     print(
         f"linectl: line {cfg.line.line_id}, recipe {recipe.product} v{recipe.version}, "
         f"records {service.store_path}",

@@ -77,7 +77,9 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
     reel_id = time.strftime("DEMO-%Y%m%d-%H%M%S")
     # Loaded by name: the simulators are a separate package the controller never needs.
     sim: Any = importlib.import_module("simulators.server")
-    async with sim.SimulatedLine(cfg, seed=args.seed, arc_rate_per_h=args.arc_rate) as line:
+    async with sim.SimulatedLine(
+        cfg, seed=args.seed, arc_rate_per_h=args.arc_rate, k_dose_true=recipe.k_dose
+    ) as line:
         acc_ep = cfg.line.accelerator.model_copy(update={"port": line.acc_port})
         cnv_ep = cfg.line.conveyor.model_copy(update={"port": line.cnv_port})
         out.write(
@@ -91,6 +93,8 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
             cfg, recipe, recipe_path, store_path=db, acc_endpoint=acc_ep, cnv_endpoint=cnv_ep
         )
         service.observers.append(_live(out, out.isatty()))
+        # Align the simulator's ground truth with the reel's cable coordinate 0.
+        service.on_reel_start.append(lambda _reel, counter_m: line.plant.start_reel(counter_m))
         service.request_reel(ReelRequest(reel_id, args.length, "demo"))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -24,11 +24,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from linectl.config import LoadedConfig, PlcEndpoint, Recipe
+from linectl.config import ControlTuning, LoadedConfig, PlcEndpoint, Recipe
 from linectl.core.control import (
     CommandRefused,
     Controller,
-    ControlTuning,
     LineState,
     Outputs,
     ReelPlan,
@@ -110,12 +109,7 @@ class LineService:
         self.recipe_path = recipe_path
         self.clock = clock
         self.wall = wall
-        # The line is held moving after the accelerator link is lost until the PLC's own
-        # watchdog has cut the beam: the hold must outlast the timeout we give the PLC.
-        self.tuning = tuning or ControlTuning(
-            line_ramp_m_min_s=cfg.line.line_ramp_m_min_s,
-            acc_lost_hold_s=cfg.line.watchdog_timeout_ms / 1000.0 + 2 * cfg.line.cycle_period_s,
-        )
+        self.tuning = tuning or cfg.line.control
         self.store_path = store_path or cfg.resolve(cfg.line.records.path)
         self.acc = PlcLink("accelerator", acc_endpoint or cfg.line.accelerator, cfg.accelerator_map)
         self.cnv = PlcLink("conveyor", cnv_endpoint or cfg.line.conveyor, cfg.conveyor_map)
@@ -131,6 +125,7 @@ class LineService:
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="linectl-store")
         self._pending: list[Future[Any]] = []
         self._reel_request: ReelRequest | None = None
+        self._resume_request: str | None = None  # the operator who asked to resume
         self._resume: dict[str, Any] | None = None  # an interrupted reel found at start
         self._reset_request = False
         self._stop = asyncio.Event()
@@ -139,12 +134,24 @@ class LineService:
         self._last_ckpt_t = -math.inf
         self._last_sample_length_m: float | None = None
         self.observers: list[Callable[[LineService], None]] = []
+        """Called after every cycle (live views, tests)."""
+        self.on_reel_start: list[Callable[[str, float], None]] = []
+        """Called with (reel id, length-counter reading in m) when dose accounting starts."""
 
     # ------------------------------------------------------------------ operator API
 
     def request_reel(self, reel: ReelRequest) -> None:
         """Run this reel as soon as the line is READY."""
         self._reel_request = reel
+
+    def interrupted_reel(self) -> ReelPlan | None:
+        """The reel found open in the records at start (resume it with request_reel)."""
+        reel = self.ctl.reel
+        return reel.plan if reel is not None and not reel.complete else None
+
+    def request_resume(self, operator: str = "") -> None:
+        """Resume the interrupted reel found in the records, once the line is READY."""
+        self._resume_request = operator
 
     def request_reset(self) -> None:
         """Reset latched alarms and PLC faults on the next cycle."""
@@ -290,13 +297,26 @@ class LineService:
         self._account(t_s, sample)
 
     def _operator_requests(self) -> None:
-        if self._reset_request:
+        # A reset acts once the PLCs answer: before that there is nothing to reset yet.
+        if self._reset_request and self.ctl.state is not LineState.OFFLINE:
             self._reset_request = False
             try:
                 self.ctl.request_reset()
                 self._audit("reset", {}, accepted=True)
             except CommandRefused as exc:
                 self._audit("reset", {}, accepted=False, reason=str(exc))
+        if self._resume_request is not None and self.ctl.state is not LineState.OFFLINE:
+            operator, self._resume_request = self._resume_request, None
+            plan = self.interrupted_reel()
+            if plan is None:
+                log.error("--resume: no unfinished reel in the records")
+                self._audit("resume_reel", {}, accepted=False, reason="no unfinished reel")
+                if self._exit_when_done:
+                    self._stop.set()
+            else:
+                self._reel_request = ReelRequest(
+                    plan.reel_id, plan.planned_length_m, operator or plan.operator
+                )
         req = self._reel_request
         if req is not None and self.ctl.state is LineState.READY:
             self._reel_request = None
@@ -331,7 +351,7 @@ class LineService:
                 self.cnv,
                 {
                     "watchdog_timeout": self.cfg.line.watchdog_timeout_ms,
-                    "ramp_rate": self.cfg.line.line_ramp_m_min_s,
+                    "ramp_rate": self.tuning.line_ramp_m_min_s,
                 },
             ),
         ]
@@ -455,7 +475,16 @@ class LineService:
             return
         self.ledger = self._new_ledger()
         self.ledger.start(sample)
-        self._save([], self.clock())  # L0 and the counters at the start, as a checkpoint
+        start = {
+            "length_counter_m": sample.length_m,
+            "charge_uc": sample.charge_uc,
+            "wall": self.wall(),
+        }
+        reel_id = plan.reel_id
+        self._submit(lambda s: s.save_state(reel_id, "start", start))
+        self._save([], self.clock())  # the first checkpoint: position 0 at L0
+        for hook in self.on_reel_start:
+            hook(reel_id, sample.length_m)
         log.info(
             "reel %s: dose accounting from length counter %.3f m", plan.reel_id, sample.length_m
         )

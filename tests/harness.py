@@ -13,11 +13,10 @@ import statistics
 from dataclasses import dataclass, field
 
 from linectl.codec import decode, encode
-from linectl.config import Geometry, LoadedConfig, Recipe, RegisterMap
+from linectl.config import ControlTuning, Geometry, LoadedConfig, Recipe, RegisterMap
 from linectl.core.control import (
     Alarm,
     Controller,
-    ControlTuning,
     LineState,
     Outputs,
     ReelPlan,

@@ -19,14 +19,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from linectl.config import Geometry, Recipe, load_config
+from linectl.config import ControlTuning, Geometry, Recipe, load_config
 from linectl.core.control import (
     AccView,
     Alarm,
     CnvView,
     CommandRefused,
     Controller,
-    ControlTuning,
     LineState,
     Outputs,
     ReelPlan,

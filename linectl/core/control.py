@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 
-from linectl.config import Geometry, Recipe
+from linectl.config import ControlTuning, Geometry, Recipe
 
 
 class LineState(enum.Enum):
@@ -130,33 +130,6 @@ class ReelPlan:
 
 class CommandRefused(Exception):  # noqa: N818 - it is a refusal, not a program error
     """An operator command that is not allowed in the current state; str() says why."""
-
-
-@dataclass
-class ControlTuning:
-    """Controller parameters; defaults suit the reference line."""
-
-    current_lag_s: float = 0.15
-    """The accelerator's current lag: the set-point leads the measured speed by this."""
-    current_ramp_ma_s: float = 15.0
-    """The accelerator's current ramp limit."""
-    line_ramp_m_min_s: float = 30.0
-    """Upper bound of the line's acceleration (conveyor ramp_rate)."""
-    relative_ramp_per_s: float = 0.25
-    """At low speed, accelerate by at most this fraction of the speed per second: the
-    current's lag then costs at most current_lag_s * this of the dose."""
-    ride_through_s: float = 1.0
-    """A beam trip shorter than this is ridden through at speed."""
-    trip_stop_s: float = 10.0
-    """A beam outage longer than this stops the line (it slows to minimum speed first)."""
-    start_timeout_s: float = 15.0
-    """Each start phase must complete within this."""
-    acc_lost_hold_s: float = 0.7
-    """After the accelerator link is lost the line keeps moving this long (more than the
-    accelerator's watchdog timeout) so a beam we can no longer switch off never stands on
-    a stopped cable; then it stops."""
-    speed_tolerance: float = 0.02
-    """Relative speed tolerance for 'reached'."""
 
 
 _WATCHDOG_MOD = 0x10000
