@@ -353,6 +353,85 @@ class Records(_Strict):
     """SQLite database path, relative to the configuration directory unless absolute."""
 
 
+class MqttTls(_Strict):
+    """TLS towards the broker."""
+
+    ca_file: str | None = None
+    """CA bundle that signed the broker's certificate; None: the system's."""
+    cert_file: str | None = None
+    """Client certificate (for brokers that authenticate clients by certificate)."""
+    key_file: str | None = None
+    """The client certificate's key."""
+    insecure: bool = False
+    """Skip the broker hostname check (test benches only)."""
+
+
+class MqttConfig(_Strict):
+    """The MQTT connection for SCADA telemetry and operator commands (docs/mqtt.md)."""
+
+    enabled: bool = False
+    """Publish telemetry and take commands over MQTT."""
+    host: str = "127.0.0.1"
+    """Broker host."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    """Broker port."""
+    client_id: str | None = None
+    """MQTT client id; None: `linectl-<line_id>`."""
+    username: str | None = None
+    """Broker user name (with `password`, or LINECTL_MQTT__PASSWORD in the environment)."""
+    password: str | None = None
+    """Broker password; prefer the environment variable to the file."""
+    tls: MqttTls | None = None
+    """TLS settings; None: plain TCP (only on a segregated network)."""
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_/-]{1,64}$")] = "linectl"
+    """Topics are `<topic_prefix>/<line_id>/...`."""
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 15
+    """MQTT keep-alive; the broker sends the will after 1.5 x this without traffic."""
+    reconnect_max_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    """Reconnect backoff cap after the broker goes away."""
+    queue_size: Annotated[int, Field(ge=10, le=100000)] = 1000
+    """Live telemetry waiting for the broker; beyond it the oldest is dropped (counted)."""
+    max_inflight: Annotated[int, Field(ge=1, le=1000)] = 50
+    """QoS 1 messages in flight at once."""
+    live_max_age_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    """A live value is published at least this often even if it has not changed."""
+    live_min_interval_s: Annotated[float, Field(ge=0, le=60)] = 0.1
+    """A live value is published at most this often."""
+    deadbands: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    """Report-by-exception deadband per value name (absolute, in the value's unit);
+    values not named here are published on any change."""
+    roles: dict[str, list[str]] = Field(default_factory=dict)
+    """Command authorization: role -> commands it may send (`*` for all)."""
+    identities: dict[str, str] = Field(default_factory=dict)
+    """Command sender identity (the `sender` in a command) -> role."""
+    allow_anonymous_commands: bool = False
+    """Accept commands that name no known identity (test benches only)."""
+
+
+class SparkplugConfig(_Strict):
+    """Sparkplug B edge node (docs/sparkplug.md)."""
+
+    enabled: bool = False
+    """Publish as a Sparkplug B edge node beside the plain JSON topics."""
+    group_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "linectl"
+    """Sparkplug group id."""
+    edge_node_id: str | None = None
+    """Edge node id; None: the line id."""
+    primary_host_id: str | None = None
+    """Primary host application id whose STATE the node follows; None: do not wait."""
+
+
+class MetricsConfig(_Strict):
+    """Prometheus endpoint."""
+
+    enabled: bool = True
+    """Serve /metrics."""
+    host: str = "127.0.0.1"
+    """Bind address; loopback unless the plant's network says otherwise."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 9108
+    """Port (0: any free port, for tests)."""
+
+
 class LineConfig(_Strict):
     """One irradiation line: identity, PLCs, cycle, geometry, records."""
 
@@ -377,6 +456,12 @@ class LineConfig(_Strict):
     the controller stops changing their watchdog register for this long."""
     control: ControlTuning = Field(default_factory=ControlTuning)
     """Controller tuning."""
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    """MQTT telemetry and commands."""
+    sparkplug: SparkplugConfig = Field(default_factory=SparkplugConfig)
+    """Sparkplug B edge node."""
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    """Prometheus metrics endpoint."""
 
     @model_validator(mode="after")
     def _check(self) -> LineConfig:

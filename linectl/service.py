@@ -26,11 +26,13 @@ from typing import Any
 
 from linectl.config import ControlTuning, LoadedConfig, PlcEndpoint, Recipe
 from linectl.core.control import (
+    Alarm,
     CommandRefused,
     Controller,
     LineState,
     Outputs,
     ReelPlan,
+    Transition,
 )
 from linectl.core.ledger import DoseLedger, MetreRecord
 from linectl.core.views import CounterUnits, acc_view, acc_writes, cnv_view, cnv_writes
@@ -137,6 +139,12 @@ class LineService:
         """Called after every cycle (live views, tests)."""
         self.on_reel_start: list[Callable[[str, float], None]] = []
         """Called with (reel id, length-counter reading in m) when dose accounting starts."""
+        self.on_metres: list[Callable[[str, list[MetreRecord]], None]] = []
+        """Called with (reel id, final metres) as metres are recorded (metrics, telemetry)."""
+        self.on_transition: list[Callable[[Transition], None]] = []
+        """Called on every line-state transition."""
+        self.on_alarm: list[Callable[[Alarm], None]] = []
+        """Called on every alarm raised."""
 
     # ------------------------------------------------------------------ operator API
 
@@ -387,10 +395,14 @@ class LineService:
         wall = self.wall()
         for tr in transitions:
             log.info("state %s -> %s: %s", tr.old.value, tr.new.value, tr.cause)
+            for on_tr in self.on_transition:
+                on_tr(tr)
             detail = {"from": tr.old.value, "to": tr.new.value, "cause": tr.cause}
             self._submit(partial(_audit_transition, wall=wall, detail=detail, reel_id=reel_id))
         for a in alarms:
             log.warning("alarm %s: %s", a.kind, a.message)
+            for on_alarm in self.on_alarm:
+                on_alarm(a)
             self._submit(
                 partial(_raise_alarm, kind=a.kind, message=a.message, wall=wall, reel_id=reel_id)
             )
@@ -454,6 +466,9 @@ class LineService:
         self.records_written += len(records)
         wall = self.wall()
         batch = list(records)
+        if batch:
+            for on_metres in self.on_metres:
+                on_metres(reel_id, batch)
         self._submit(lambda s: s.add_metres(reel_id, batch, wall, state={LEDGER_STATE: ckpt}))
 
     def _new_ledger(self) -> DoseLedger:
