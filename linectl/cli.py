@@ -1,7 +1,9 @@
-"""Command line: `linectl config|recipe|sim|demo ...`.
+"""Command line: `linectl config|recipe|sim|run|report|demo|status|reel|alarms|reset|watch`.
 
-Wiring only: every check lives in linectl.config; this module loads, prints and maps
-errors to exit codes (0 ok, 1 not done, 2 bad input or configuration, 130 interrupted).
+Wiring only: every check lives in linectl.config, the daemon's client in linectl.client;
+this module loads, prints and maps errors to exit codes (0 ok, 1 not done, 2 bad input
+or configuration, 3 command refused (NAK), 4 no answer from the line, 5 broker
+unreachable, 130 interrupted). Every command is described in docs/cli.md.
 linectl is process protection only: it never replaces the plant's personnel-safety
 system or its hardwired beam inhibit.
 """
@@ -9,16 +11,36 @@ system or its hardwired beam inhibit.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import importlib
 import json
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO, cast
 
 from linectl import __version__
+from linectl.client import (
+    DEFAULT_TIMEOUT_S,
+    BrokerError,
+    ClientSettings,
+    LineClient,
+    LineView,
+    NoAnswerError,
+    client_settings,
+    command_payload,
+    describe_answer,
+    new_request_id,
+    not_online_text,
+    read_line,
+    send_command,
+    watch,
+)
+from linectl.commands import CommandName
 from linectl.config import (
     LoadedConfig,
     RegisterMap,
@@ -29,13 +51,20 @@ from linectl.config import (
 )
 from linectl.daemon import add_run_parser
 from linectl.demo import add_demo_parser
-from linectl.errors import ConfigError, LinectlError
+from linectl.errors import ConfigError, LinectlError, LocalError
 from linectl.report import add_report_parser
 
 log = logging.getLogger("linectl.cli")
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
+EXIT_NAK = 3
+"""The line refused the command (NAK); its reason is printed."""
+EXIT_NO_ANSWER = 4
+"""No answer from the line: no daemon, or not connected to the broker (or, for `status`
+and `alarms`, the line's retained status says it is offline)."""
+EXIT_BROKER = 5
+"""The MQTT broker cannot be reached, or refused the connection or a subscription."""
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports
 
@@ -46,7 +75,10 @@ _EPILOG = """\
 configuration directory: --config/DIR, else $LINECTL_CONFIG_DIR, else ./config.
 environment overrides of line.toml: LINECTL_<SECTION>__<KEY>=value,
   e.g. LINECTL_ACCELERATOR__PORT=6000 or LINECTL_CYCLE_PERIOD_S=0.02.
-exit codes: 0 ok, 1 not implemented, 2 invalid input or configuration, 130 interrupted.
+exit codes: 0 ok, 1 not implemented, 2 invalid input or configuration,
+  3 the line refused the command (NAK, reason printed), 4 no answer from the line
+  (no daemon on the broker, or its status says offline), 5 MQTT broker unreachable or
+  refusing us, 130 interrupted (Ctrl-C; `watch` exits 0). See docs/cli.md.
 
 linectl is process protection only. It never replaces the plant's personnel-safety
 system or its hardwired beam inhibit.
@@ -71,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose",
         action="count",
         default=0,
-        help="more log output: -v info, -vv debug (default: warnings only)",
+        help="more log output: -v info, -vv debug (default: warnings only; `run` logs "
+        "info, its state changes, by default)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -164,7 +197,218 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(commands)
     add_report_parser(commands)
     add_demo_parser(commands)
+
+    # the running daemon's client, through the MQTT broker ----------------------------
+    _add_client_parsers(commands, recipe_cmds)
     return parser
+
+
+_CLIENT_EPILOG = """\
+The line's daemon (`linectl run` with [mqtt] enabled = true) is reached through the
+MQTT broker named in line.toml's [mqtt] section (host, port, TLS, username, password;
+LINECTL_MQTT__USERNAME / LINECTL_MQTT__PASSWORD override them, --broker the address).
+The sender is your identity in command topics: --sender, else the MQTT user name, else
+your login name; the line's [mqtt.identities] and [mqtt.roles] decide what it may send.
+
+exit codes: 0 ok, 2 invalid input (nothing sent), 3 refused by the line (NAK, reason
+printed), 4 no answer from the line (or, for status/alarms, it is offline), 5 MQTT
+broker unreachable or refusing us, 130 interrupted. See docs/cli.md.
+"""
+
+
+def _wrap(text: str) -> str:
+    """A description wrapped for the raw formatter (which keeps the epilog's layout)."""
+    return textwrap.fill(text, 88)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _client_options(*, sender: bool = True, json_out: bool = True) -> argparse.ArgumentParser:
+    """Options every client command takes (a parent parser)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        metavar="DIR",
+        help="configuration directory whose line.toml names the line and its broker "
+        "(default: $LINECTL_CONFIG_DIR or ./config)",
+    )
+    common.add_argument(
+        "--broker",
+        metavar="HOST[:PORT]",
+        help="MQTT broker address instead of [mqtt] host and port ([IPv6]:PORT for IPv6)",
+    )
+    if sender:
+        common.add_argument(
+            "--sender",
+            metavar="ID",
+            help="your identity in command topics (default: the MQTT user name, else your "
+            "login name); the line's [mqtt.identities] gives it a role",
+        )
+    common.add_argument(
+        "--timeout",
+        type=_positive,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help=f"seconds to wait for the broker and the line (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    if json_out:
+        common.add_argument(
+            "--json",
+            action="store_true",
+            help="print what the line published (state, alarms or the answer) as JSON",
+        )
+    return common
+
+
+def _add_client_parsers(commands: Any, recipe_cmds: Any) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    reader = _client_options(sender=False)
+    sender = _client_options()
+
+    status = commands.add_parser(
+        "status",
+        parents=[reader],
+        help="show the running line's state, reel, recipe, alarms and live values",
+        description=_wrap(
+            "Show what the line's daemon last published on its retained MQTT topics: "
+            "online or offline, the line state and why, the reel and how far it is, the "
+            "recipe, the active alarms and the live values with their quality. Exit 0 when "
+            "the daemon is online; exit 4 when it is offline (its last known state is "
+            "printed) or has never published on this broker."
+        ),
+        epilog=_CLIENT_EPILOG,
+        formatter_class=fmt,
+    )
+    status.set_defaults(handler=_cmd_status)
+
+    reel = commands.add_parser(
+        "reel",
+        help="start or stop a reel on the running line",
+        description="Start or stop a reel on the running line (commands start_reel, stop).",
+        epilog=_CLIENT_EPILOG,
+        formatter_class=fmt,
+    )
+    reel_cmds = reel.add_subparsers(dest="reel_command", metavar="ACTION")
+    reel_cmds.required = True
+    start = reel_cmds.add_parser(
+        "start",
+        parents=[sender],
+        help="start a reel (the line must be READY)",
+        description=_wrap(
+            "Ask the line to start reel REEL_ID of --length metres. The line takes it only "
+            "when it is READY and no other reel is unfinished; an unfinished reel is "
+            "resumed by starting it again with its own id. With --recipe the recipe is "
+            "selected first (both happen or neither). Prints the line's ACK, or its NAK "
+            "with the reason (exit 3)."
+        ),
+        epilog=_CLIENT_EPILOG,
+        formatter_class=fmt,
+    )
+    start.add_argument("reel_id", metavar="REEL_ID", help="reel id ([A-Za-z0-9_.:-], 1..64)")
+    start.add_argument(
+        "--length", type=float, required=True, metavar="M", help="planned reel length, m"
+    )
+    start.add_argument(
+        "--operator", metavar="NAME", help="operator named in the records (default: sender)"
+    )
+    start.add_argument("--recipe", metavar="NAME", help="select this recipe first (file stem)")
+    start.add_argument("--reason", metavar="TEXT", help="note for the audit trail")
+    start.set_defaults(handler=_cmd_reel_start)
+    stop = reel_cmds.add_parser(
+        "stop",
+        parents=[sender],
+        help="stop the running reel (ramps down with dose-follow, then stops)",
+        description=_wrap(
+            "Ask the line to stop: beam current and line speed ramp down together with "
+            "dose-follow, then the beam goes off and the line stops. Taken in STARTING or "
+            "RUNNING; refused (NAK, exit 3) otherwise. The reel stays unfinished and can "
+            "be resumed with `linectl reel start` and its id."
+        ),
+        epilog=_CLIENT_EPILOG,
+        formatter_class=fmt,
+    )
+    stop.add_argument("--reason", metavar="TEXT", help="why, for the audit trail")
+    stop.set_defaults(handler=_cmd_reel_stop)
+
+    alarms = commands.add_parser(
+        "alarms",
+        parents=[sender],
+        help="list the active alarms, or acknowledge one (alarms ack KIND)",
+        usage="%(prog)s [options] [ack KIND]",
+        description=_wrap(
+            "Without arguments: list the alarms the line holds now (kind, latched, since "
+            "when, message). `ack KIND` acknowledges the unacknowledged alarm of that kind "
+            "('all' or '*' for every one); a latched alarm then still needs `linectl reset` "
+            "once its cause is gone. Listing exits 4 when the line is offline."
+        ),
+        epilog=_CLIENT_EPILOG,
+        formatter_class=fmt,
+    )
+    alarms.add_argument("action", nargs="?", choices=["ack"], help="ack: acknowledge KIND")
+    alarms.add_argument("kind", nargs="?", metavar="KIND", help="alarm kind, or 'all'")
+    alarms.add_argument("--reason", metavar="TEXT", help="note for the audit trail (ack)")
+    alarms.set_defaults(handler=_cmd_alarms)
+
+    reset = commands.add_parser(
+        "reset",
+        parents=[sender],
+        help="reset latched alarms and PLC faults once their causes are gone",
+        description=_wrap(
+            "Ask the line to reset its latched alarms and the PLCs' latched faults "
+            "(command reset). Taken when there is a latched alarm or FAULT and PLC data is "
+            "available; refused (NAK, exit 3) otherwise."
+        ),
+        epilog=_CLIENT_EPILOG,
+        formatter_class=fmt,
+    )
+    reset.add_argument("--reason", metavar="TEXT", help="note for the audit trail")
+    reset.set_defaults(handler=_cmd_reset)
+
+    select = recipe_cmds.add_parser(
+        "select",
+        parents=[sender],
+        help="select the running line's recipe (no reel running or unfinished)",
+        description=_wrap(
+            "Ask the running line to select recipe NAME (a file stem in its recipes "
+            "directory). Refused (NAK, exit 3) while a reel is running or unfinished, or "
+            "when the recipe does not load or does not fit the line."
+        ),
+        epilog=_CLIENT_EPILOG,
+        formatter_class=fmt,
+    )
+    select.add_argument("recipe", metavar="NAME", help="recipe file stem in recipes_dir")
+    select.add_argument("--reason", metavar="TEXT", help="note for the audit trail")
+    select.set_defaults(handler=_cmd_recipe_select)
+
+    watch_p = commands.add_parser(
+        "watch",
+        parents=[_client_options(sender=False, json_out=False)],
+        help="follow the running line live: state, alarms, values, metres",
+        description=_wrap(
+            "Follow the line live: status, state, alarms, live values, completed metres, "
+            "reel and alarm events. On a terminal a compact screen is redrawn in place; "
+            "otherwise (a pipe, a file) one line is printed per update. A lost broker is "
+            "shown and reconnected to. Ctrl-C ends it (exit 0)."
+        ),
+        epilog=_CLIENT_EPILOG,
+        formatter_class=fmt,
+    )
+    watch_p.add_argument(
+        "--duration", type=_positive, metavar="S", help="stop after S seconds (exit 0)"
+    )
+    watch_p.add_argument(
+        "--lines", action="store_true", help="one line per update even on a terminal"
+    )
+    watch_p.set_defaults(handler=_cmd_watch)
 
 
 # --------------------------------------------------------------------------- handlers
@@ -310,6 +554,134 @@ def _cmd_sim(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK if code is None else int(code)
 
 
+# --------------------------------------------------------------------------- client
+
+
+def _settings(args: argparse.Namespace) -> ClientSettings:
+    loaded = load_config(_config_dir(args.config))
+    return client_settings(loaded, broker=args.broker, sender=getattr(args, "sender", None))
+
+
+def _view_json(settings: ClientSettings, view: LineView) -> dict[str, Any]:
+    return {
+        "line_id": settings.line_id,
+        "broker": settings.broker,
+        "status": view.status,
+        "state": view.state,
+        "alarms_active": view.alarms,
+        "live": view.live,
+    }
+
+
+def _read(args: argparse.Namespace, out: TextIO, need: set[str], alarms: bool) -> int:
+    settings = _settings(args)
+    view = asyncio.run(read_line(settings, need, args.timeout))
+    why = not_online_text(settings, view, args.timeout)
+    if view.status is None:
+        raise NoAnswerError(why)
+    if args.json:
+        json.dump(_view_json(settings, view), out, indent=2, sort_keys=True)
+        out.write("\n")
+    else:
+        lines = view.alarm_lines(settings) if alarms else view.status_lines(settings)
+        out.write("\n".join(lines) + "\n")
+    out.flush()
+    if why:
+        print(f"linectl: {why}", file=sys.stderr)
+        return EXIT_NO_ANSWER
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    return _read(args, out, {"status", "state", "alarms_active"}, alarms=False)
+
+
+def _send(
+    args: argparse.Namespace, out: TextIO, name: CommandName, cmd_args: dict[str, Any]
+) -> int:
+    settings = _settings(args)
+    request_id = new_request_id()
+    cmd_args["reason"] = args.reason
+    # Checked by the daemon's own parser before anything is sent: bad input exits 2.
+    payload = command_payload(name, cmd_args, sender=settings.sender, request_id=request_id)
+    client = LineClient(settings, connect_timeout_s=args.timeout)
+    try:
+        answer = asyncio.run(send_command(client, name, payload, request_id, args.timeout))
+    except KeyboardInterrupt:
+        if client.sent:
+            print(
+                f"linectl: interrupted before the answer came; {name.value} was sent and may "
+                "still be carried out: check `linectl status`",
+                file=sys.stderr,
+            )
+        else:
+            print(f"linectl: interrupted; {name.value} was not sent", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    text = describe_answer(settings.line_id, answer.result)
+    if args.json:
+        json.dump(answer.payload, out, indent=2, sort_keys=True)
+        out.write("\n")
+    elif answer.result.ack:
+        print(text, file=out)
+    out.flush()
+    if not answer.result.ack:
+        print(f"linectl: {text}", file=sys.stderr)
+        return EXIT_NAK
+    return EXIT_OK
+
+
+def _cmd_reel_start(args: argparse.Namespace, out: TextIO) -> int:
+    cmd_args = {
+        "reel_id": args.reel_id,
+        "length_m": args.length,
+        "operator": args.operator,
+        "recipe": args.recipe,
+    }
+    return _send(args, out, CommandName.START_REEL, cmd_args)
+
+
+def _cmd_reel_stop(args: argparse.Namespace, out: TextIO) -> int:
+    return _send(args, out, CommandName.STOP, {})
+
+
+def _cmd_alarms(args: argparse.Namespace, out: TextIO) -> int:
+    if args.action is None:
+        if args.reason is not None:
+            raise LocalError("--reason goes with `alarms ack KIND`")
+        return _read(args, out, {"status", "alarms_active"}, alarms=True)
+    if args.kind is None:
+        raise LocalError("alarms ack needs the alarm KIND (as `linectl alarms` lists it) or 'all'")
+    kind = "*" if args.kind == "all" else args.kind
+    return _send(args, out, CommandName.ACK_ALARM, {"alarm": kind})
+
+
+def _cmd_reset(args: argparse.Namespace, out: TextIO) -> int:
+    return _send(args, out, CommandName.RESET, {})
+
+
+def _cmd_recipe_select(args: argparse.Namespace, out: TextIO) -> int:
+    return _send(args, out, CommandName.SELECT_RECIPE, {"recipe": args.recipe})
+
+
+def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
+    settings = _settings(args)
+    screen = out.isatty() and not args.lines
+    if not screen:
+        print(f"linectl: watching {settings.line_id} at {settings.broker}", file=sys.stderr)
+    # Ctrl-C is how a watch ends: exit 0, not 130.
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            watch(
+                settings,
+                out,
+                screen=screen,
+                duration_s=args.duration,
+                connect_timeout_s=args.timeout,
+            )
+        )
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -344,10 +716,18 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     args.rest = theirs or []
-    _setup_logging(args.verbose)
+    # The daemon's log is the line's logbook: state changes and operator actions are
+    # logged at info, so `run` shows info unless told otherwise.
+    _setup_logging(args.verbose + int(getattr(args, "log_info_by_default", False)))
     handler = cast(Callable[[argparse.Namespace, TextIO], int], args.handler)
     try:
         return handler(args, sys.stdout)
+    except NoAnswerError as exc:
+        print(f"linectl: error: {exc}", file=sys.stderr)
+        return EXIT_NO_ANSWER
+    except BrokerError as exc:
+        print(f"linectl: error: {exc}", file=sys.stderr)
+        return EXIT_BROKER
     except LinectlError as exc:
         log.debug("command failed", exc_info=True)
         print(f"linectl: error: {exc}", file=sys.stderr)

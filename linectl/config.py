@@ -385,6 +385,9 @@ class MqttConfig(_Strict):
     """TLS settings; None: plain TCP (only on a segregated network)."""
     topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_/-]{1,64}$")] = "linectl"
     """Topics are `<topic_prefix>/<line_id>/...`."""
+    protocol: Literal["5", "3.1.1"] = "5"
+    """MQTT protocol version; "3.1.1" for brokers without MQTT 5 (commands then answer
+    on the documented fallback response topic)."""
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 15
     """MQTT keep-alive; the broker sends the will after 1.5 x this without traffic."""
     reconnect_max_s: Annotated[float, Field(gt=0, le=60)] = 2.0
@@ -689,6 +692,23 @@ class LoadedConfig:
         """A path from the configuration, relative to the configuration directory."""
         p = Path(relative)
         return p if p.is_absolute() else self.directory / p
+
+    def mqtt_tls(self) -> MqttTls | None:
+        """The [mqtt.tls] settings with their files resolved against this directory."""
+        tls = self.line.mqtt.tls
+        if tls is None:
+            return None
+
+        def path(p: str | None) -> str | None:
+            return None if p is None else str(self.resolve(p))
+
+        return tls.model_copy(
+            update={
+                "ca_file": path(tls.ca_file),
+                "cert_file": path(tls.cert_file),
+                "key_file": path(tls.key_file),
+            }
+        )
 
     @property
     def recipes_dir(self) -> Path:

@@ -1,4 +1,8 @@
-"""`linectl run`: the line daemon. SIGTERM and SIGINT stop the line safely first."""
+"""`linectl run`: the line daemon. SIGTERM and SIGINT stop the line safely first.
+
+With `[mqtt] enabled` the MQTT bridge (linectl.mqtt, docs/mqtt.md) runs beside the line
+service: telemetry, records from the store's outbox, commands.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,19 @@ import argparse
 import asyncio
 import logging
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import aiomqtt
+
 from linectl.config import default_config_dir, load_config
 from linectl.errors import LocalError
+from linectl.metrics import LineMetrics
+from linectl.mqtt import MqttBridge
 from linectl.service import LineService, ReelRequest, select_recipe
+from linectl.sparkplug.adapter import SparkplugEdge
+from linectl.store import RecordStore
 
 log = logging.getLogger("linectl.daemon")
 
@@ -46,7 +57,7 @@ def add_run_parser(commands: Any) -> None:
         help="resume the reel an earlier run left unfinished (found in the records)",
     )
     p.add_argument("--exit-after-reel", action="store_true", help="exit when the reel is complete")
-    p.set_defaults(handler=run_command)
+    p.set_defaults(handler=run_command, log_info_by_default=True)
 
 
 def run_command(args: argparse.Namespace, out: TextIO) -> int:
@@ -75,12 +86,106 @@ def run_command(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def mqtt_bridge(service: LineService) -> MqttBridge | None:
+    """The MQTT bridge for the service when `[mqtt] enabled`, hooked to its cycle."""
+    cfg = service.cfg
+    if not cfg.line.mqtt.enabled:
+        return None
+    bridge = MqttBridge(
+        service,
+        cfg.line.mqtt,
+        line_id=service.line_id,
+        store_path=service.store_path,
+        resolve_path=cfg.resolve,
+        protocol=(
+            aiomqtt.ProtocolVersion.V5
+            if cfg.line.mqtt.protocol == "5"
+            else aiomqtt.ProtocolVersion.V311
+        ),
+    )
+    service.observers.append(bridge.on_cycle)
+    return bridge
+
+
+@dataclass
+class _MqttMetrics:
+    """The bridge's stats as the metrics read them (at scrape time, another thread)."""
+
+    bridge: MqttBridge
+
+    @property
+    def connected(self) -> bool:
+        return self.bridge.stats.connected
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.bridge.queue)
+
+    @property
+    def dropped_total(self) -> int:
+        return self.bridge.stats.dropped
+
+    @property
+    def replay_backlog(self) -> int:
+        return self.bridge.stats.replay_backlog
+
+    @property
+    def published_total(self) -> int:
+        return self.bridge.stats.published
+
+
+async def run_with_bridge(
+    service: LineService, *, exit_when_done: bool, metrics_port: int | None = None
+) -> None:
+    """Run the service with its adapters beside it, as the configuration enables them:
+    the Prometheus endpoint, the MQTT bridge and the Sparkplug B edge node.
+
+    The adapters stop after the service: the line is safe and the store drained first,
+    then the last records are flushed and `offline` (NDEATH) published. A broker that is
+    away never holds up the line or its shutdown for longer than the bridge's flush time.
+    `metrics_port` overrides the configured port (0: any free port).
+    """
+    cfg = service.cfg
+    metrics = LineMetrics(service.line_id)
+    metrics.attach(service)
+    mcfg = cfg.line.metrics
+    if metrics_port is not None:
+        mcfg = mcfg.model_copy(update={"port": metrics_port})
+    server = metrics.serve_config(mcfg)
+    service.metrics_url = None if server is None else server.url
+    bridge = mqtt_bridge(service)
+    tasks: list[tuple[Any, asyncio.Task[None]]] = []
+    outbox: RecordStore | None = None
+    if bridge is not None:
+        metrics.bind_mqtt(_MqttMetrics(bridge))
+        tasks.append((bridge, asyncio.create_task(bridge.run(), name="linectl-mqtt")))
+    if cfg.line.sparkplug.enabled:
+        outbox = RecordStore(service.store_path)
+        edge = SparkplugEdge.from_config(cfg, service, status=service.line_status, outbox=outbox)
+        tasks.append((edge, asyncio.create_task(edge.run(), name="linectl-sparkplug")))
+    try:
+        await service.run(exit_when_done=exit_when_done)
+    finally:
+        for adapter, _task in tasks:
+            adapter.stop()
+        flush_s = 3 * bridge.flush_s + 5.0 if bridge is not None else 5.0
+        for adapter, task in tasks:
+            try:
+                await asyncio.wait_for(task, flush_s)
+            except TimeoutError:
+                log.warning("%s did not stop in time; abandoning it", type(adapter).__name__)
+        if outbox is not None:
+            outbox.close()
+        if server is not None:
+            server.close()
+
+
 async def _run(service: LineService, *, exit_when_done: bool) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.stop)
     try:
-        await service.run(exit_when_done=exit_when_done)
+        await run_with_bridge(service, exit_when_done=exit_when_done)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -1,22 +1,35 @@
 """`linectl demo`: the simulated line end to end, in one command.
 
-Starts both PLC simulators (real Modbus TCP on free local ports), the line service
-against them, runs one reel with a live view, and ends with the reel report, its plot,
-and the ledger checked against the simulator's ground truth.
+Starts both PLC simulators (real Modbus TCP on free local ports), an MQTT broker
+embedded in the process (unless --broker names one, or [mqtt] in the configuration is
+enabled), the line service against them with its MQTT bridge and Prometheus endpoint,
+runs one reel with a live view, and ends with the reel report, its plot, the ledger
+checked against the simulator's ground truth, and what an MQTT subscriber received.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
+import json
+import logging
+import os
 import signal
+import socket
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from linectl.config import default_config_dir, load_config
+import aiomqtt
+
+from linectl.config import LoadedConfig, MqttConfig, Recipe, default_config_dir, load_config
 from linectl.core.ledger import Verdict
+from linectl.daemon import run_with_bridge
+from linectl.errors import LocalError
 from linectl.report import build_report, write_plot, write_text
 from linectl.service import LineService, ReelRequest, select_recipe
 from linectl.store import RecordStore
@@ -36,6 +49,21 @@ def add_demo_parser(commands: Any) -> None:
     p.add_argument("--arc-rate", type=float, default=60.0, help="random arcs per hour")
     p.add_argument("--seed", type=int, default=1, help="simulator random seed")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory")
+    p.add_argument(
+        "--broker",
+        metavar="HOST:PORT",
+        help="MQTT broker to use (default: the configured one if [mqtt] is enabled, else "
+        "one embedded in this process on a free local port)",
+    )
+    p.add_argument(
+        "--no-mqtt", action="store_true", help="run without MQTT (no broker, no telemetry)"
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="Prometheus endpoint port on 127.0.0.1 (default 0: any free port)",
+    )
     p.set_defaults(handler=demo_command)
 
 
@@ -69,12 +97,116 @@ def _live(out: TextIO, tty: bool) -> Any:
     return show
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def _embedded_broker(out: TextIO) -> AsyncIterator[tuple[str, int]]:
+    """An MQTT 3.1.1 broker (amqtt) in this process, on 127.0.0.1 and a free port only."""
+    try:
+        broker_mod: Any = importlib.import_module("amqtt.broker")
+    except ImportError:
+        raise LocalError(
+            "the embedded broker needs amqtt: pip install -e '.[demo]', or give --broker "
+            "HOST:PORT, or --no-mqtt"
+        ) from None
+    port = _free_port()
+    # Always an explicit configuration: amqtt's default listens on 0.0.0.0:1883.
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+    for name in ("amqtt", "transitions"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    broker = broker_mod.Broker(config)
+    await broker.start()
+    out.write(f"embedded MQTT broker (amqtt, MQTT 3.1.1) on 127.0.0.1:{port}\n")
+    try:
+        yield "127.0.0.1", port
+    finally:
+        with contextlib.suppress(Exception):
+            await broker.shutdown()
+
+
+@dataclass
+class _Received:
+    """What a plain MQTT subscriber to the line's topics got during the demo."""
+
+    by_kind: dict[str, int] = field(default_factory=dict)
+    metres: int = 0
+    status: list[str] = field(default_factory=list)
+
+
+async def _subscribe(mqtt: MqttConfig, line_id: str, got: _Received, ready: asyncio.Event) -> None:
+    protocol = aiomqtt.ProtocolVersion.V5 if mqtt.protocol == "5" else aiomqtt.ProtocolVersion.V311
+    prefix = f"{mqtt.topic_prefix}/{line_id}/"
+    async with aiomqtt.Client(
+        mqtt.host,
+        mqtt.port,
+        identifier=f"linectl-demo-viewer-{os.getpid()}",
+        username=mqtt.username,
+        password=mqtt.password,
+        protocol=protocol,
+    ) as client:
+        await client.subscribe(prefix + "#", qos=1)
+        ready.set()
+        async for msg in client.messages:
+            rest = str(msg.topic)[len(prefix) :]
+            kind = rest.split("/")[0] if not rest.startswith("records/") else rest
+            got.by_kind[kind] = got.by_kind.get(kind, 0) + 1
+            try:
+                body = json.loads(bytes(msg.payload))
+            except (TypeError, ValueError):
+                continue
+            if rest == "records/metres" and isinstance(body, dict):
+                got.metres += len(body.get("metres", []))
+            if rest == "status" and isinstance(body, dict):
+                got.status.append(str(body.get("status")))
+
+
 async def _demo(args: argparse.Namespace, out: TextIO) -> int:
     cfg = load_config(args.config or default_config_dir())
     recipe, recipe_path = select_recipe(cfg, args.recipe)
     args.out.mkdir(parents=True, exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        mqtt: MqttConfig | None = None
+        if not args.no_mqtt:
+            if args.broker:
+                host, _, port_s = args.broker.rpartition(":")
+                if not host or not port_s.isdigit():
+                    raise LocalError(f"--broker: expected HOST:PORT, not {args.broker!r}")
+                mqtt = cfg.line.mqtt.model_copy(
+                    update={"enabled": True, "host": host, "port": int(port_s)}
+                )
+            elif cfg.line.mqtt.enabled:
+                mqtt = cfg.line.mqtt
+            else:
+                host, port = await stack.enter_async_context(_embedded_broker(out))
+                mqtt = cfg.line.mqtt.model_copy(
+                    update={"enabled": True, "host": host, "port": port, "protocol": "3.1.1"}
+                )
+        cfg.line = cfg.line.model_copy(
+            update={"mqtt": mqtt or cfg.line.mqtt.model_copy(update={"enabled": False})}
+        )
+        return await _run_demo(cfg, recipe, recipe_path, args, out)
+    raise AssertionError("unreachable")  # pragma: no cover - mypy: the block returns
+
+
+async def _run_demo(
+    cfg: LoadedConfig, recipe: Recipe, recipe_path: Path, args: argparse.Namespace, out: TextIO
+) -> int:
     db = args.out / "demo.sqlite"
     reel_id = time.strftime("DEMO-%Y%m%d-%H%M%S")
+    got = _Received()
+    viewer: asyncio.Task[None] | None = None
+    if cfg.line.mqtt.enabled:
+        ready = asyncio.Event()
+        viewer = asyncio.create_task(_subscribe(cfg.line.mqtt, cfg.line.line_id, got, ready))
+        await asyncio.wait_for(ready.wait(), 10.0)
     # Loaded by name: the simulators are a separate package the controller never needs.
     sim: Any = importlib.import_module("simulators.server")
     async with sim.SimulatedLine(
@@ -89,6 +221,12 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
             f" {cfg.line.geometry.passes} passes, last pass "
             f"{cfg.line.geometry.last_pass_offset_m:g} m past the counter\n"
         )
+        if cfg.line.mqtt.enabled:
+            mq = cfg.line.mqtt
+            out.write(
+                f"MQTT telemetry on {mq.host}:{mq.port} under "
+                f"{mq.topic_prefix}/{cfg.line.line_id}/\n"
+            )
         service = LineService(
             cfg, recipe, recipe_path, store_path=db, acc_endpoint=acc_ep, cnv_endpoint=cnv_ep
         )
@@ -100,10 +238,23 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, service.stop)
         t0 = time.monotonic()
-        await service.run(exit_when_done=True)
+        announced = [False]
+
+        def announce(svc: LineService) -> None:
+            if not announced[0] and svc.metrics_url:
+                announced[0] = True
+                out.write(f"Prometheus metrics at {svc.metrics_url}\n")
+
+        service.observers.insert(0, announce)
+        await run_with_bridge(service, exit_when_done=True, metrics_port=args.metrics_port)
         elapsed = time.monotonic() - t0
         truth = line.plant.truth
         line.plant.truth.write(args.out / "truth.json")
+    if viewer is not None:
+        await asyncio.sleep(0.5)  # the last records and "offline" in flight
+        viewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await viewer
     out.write(f"\n\nran {elapsed:.0f} s\n\n")
     with RecordStore(db) as store:
         started = any(r.reel_id == reel_id for r in store.reels())
@@ -135,5 +286,11 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
         out.write(
             f"ledger vs ground truth over {len(errs)} metres: max error {max(errs):.3f} % of "
             f"target, false accepts {false_accepts}\n"
+        )
+    if cfg.line.mqtt.enabled:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(got.by_kind.items()))
+        out.write(
+            f"MQTT subscriber received: {kinds or 'nothing'}; {got.metres} metre records; "
+            f"status {' -> '.join(got.status) or '?'}\n"
         )
     return 0 if reel_id in service.finished_reels and false_accepts == 0 else 1

@@ -10,7 +10,7 @@ class Quality(enum.Enum):
     """Whether a value can be trusted now."""
 
     GOOD = "good"
-    STALE = "stale"  # last good value, older than the link's staleness limit
+    STALE = "stale"  # the last poll failed; the last good value, younger than stale_after_s
     COMM_FAIL = "comm_fail"  # no value: the PLC did not answer
 
 

@@ -20,11 +20,14 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from linectl.commands import Command, CommandName, CommandResult, authorize
 from linectl.config import ControlTuning, LoadedConfig, PlcEndpoint, Recipe
+from linectl.core.align import AccPoint, CnvPoint, CounterAligner, PlcClock
 from linectl.core.control import (
     Alarm,
     CommandRefused,
@@ -34,16 +37,41 @@ from linectl.core.control import (
     ReelPlan,
     Transition,
 )
-from linectl.core.ledger import DoseLedger, MetreRecord
-from linectl.core.views import CounterUnits, acc_view, acc_writes, cnv_view, cnv_writes
+from linectl.core.ledger import DoseLedger, LedgerSample, MetreRecord
+from linectl.core.views import (
+    CounterUnits,
+    acc_view,
+    acc_writes,
+    cnv_view,
+    cnv_writes,
+    plc_clock_modulus_ms,
+)
 from linectl.errors import LinectlError, LocalError, PlcError
 from linectl.modbus.link import PlcLink, Snapshot
 from linectl.quality import Quality
 from linectl.store import RecordStore, ReelInfo, utc_now_iso
+from linectl.telemetry import ActiveAlarm, LineStatus, LiveValue
 
 log = logging.getLogger("linectl.service")
 
 LEDGER_STATE = "ledger"
+
+COMMAND_TIMEOUT_S = 2.0
+"""A command the control cycle has not taken within this is refused (not running)."""
+
+
+def unix_ms() -> int:
+    """Wall-clock time now, unix milliseconds (telemetry timestamps)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class _Pending:
+    """A command waiting for the control cycle, with what execute() prepared for it."""
+
+    cmd: Command
+    future: asyncio.Future[CommandResult]
+    recipe: tuple[Recipe, Path] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +132,7 @@ class LineService:
         tuning: ControlTuning | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], str] = utc_now_iso,
+        wall_ms: Callable[[], int] = unix_ms,
     ) -> None:
         self.cfg = cfg
         self.line_id = cfg.line.line_id
@@ -111,15 +140,21 @@ class LineService:
         self.recipe_path = recipe_path
         self.clock = clock
         self.wall = wall
+        self.wall_ms = wall_ms
         self.tuning = tuning or cfg.line.control
         self.store_path = store_path or cfg.resolve(cfg.line.records.path)
         self.acc = PlcLink("accelerator", acc_endpoint or cfg.line.accelerator, cfg.accelerator_map)
         self.cnv = PlcLink("conveyor", cnv_endpoint or cfg.line.conveyor, cfg.conveyor_map)
         self.units = CounterUnits.from_maps(cfg.accelerator_map, cfg.conveyor_map)
+        self._acc_clock = PlcClock(plc_clock_modulus_ms(cfg.accelerator_map))
+        self._cnv_clock = PlcClock(plc_clock_modulus_ms(cfg.conveyor_map))
+        self.aligner = CounterAligner(self.units.charge_modulus_uc)
         self.ctl = Controller(recipe, cfg.line.geometry, self.tuning)
         self.ledger: DoseLedger | None = None
         self.stats = CycleStats()
         self.records_written = 0
+        self.metrics_url: str | None = None
+        """Where the Prometheus endpoint serves, once the daemon started it."""
         self.last_acc: Snapshot | None = None
         self.last_cnv: Snapshot | None = None
         self.finished_reels: list[str] = []
@@ -130,6 +165,7 @@ class LineService:
         self._resume_request: str | None = None  # the operator who asked to resume
         self._resume: dict[str, Any] | None = None  # an interrupted reel found at start
         self._reset_request = False
+        self._store_error: str | None = None
         self._stop = asyncio.Event()
         self._exit_when_done = False
         self._connects = {"accelerator": -1, "conveyor": -1}
@@ -145,6 +181,15 @@ class LineService:
         """Called on every line-state transition."""
         self.on_alarm: list[Callable[[Alarm], None]] = []
         """Called on every alarm raised."""
+        self._commands: list[_Pending] = []
+        self._running = False
+        self._cycle_ms = 0  # unix ms at the start of the current cycle
+        self._state_ms = wall_ms()
+        self._state_cause = "starting"
+        self._alarm_ms: dict[str, int] = {}
+        self._unacked: dict[str, int] = {}  # alarm kind -> unacknowledged occurrences
+        self._opened_reels: set[str] = set()
+        self._latched: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------ operator API
 
@@ -169,6 +214,241 @@ class LineService:
         """Ask the service to stop the line safely and return from run()."""
         self._stop.set()
 
+    # ------------------------------------------------------------------ telemetry, commands
+
+    def live_values(self) -> dict[str, LiveValue]:
+        """The current live values (telemetry.LIVE_VALUES), each with its quality and the
+        unix time (ms) it was measured at.
+
+        PLC values carry the link's quality and the time their response arrived;
+        set-points and the reel position are the controller's own (GOOD, this cycle).
+        Before the first poll every PLC value is COMM_FAIL with no value.
+        """
+        now_ms = self._cycle_ms or self.wall_ms()
+        out: dict[str, LiveValue] = {}
+
+        def plc(snap: Snapshot | None, field: str, name: str, scale: float = 1.0) -> None:
+            if snap is None:
+                out[name] = LiveValue(name, None, Quality.COMM_FAIL, now_ms)
+                return
+            try:
+                sample = snap.get(field)
+            except LocalError:  # a map without this field: nothing to report
+                return
+            age_ms = round((snap.host_time_s - sample.host_time_s) * 1000.0)
+            value = None if sample.value is None else float(sample.value) * scale
+            out[name] = LiveValue(name, value, sample.quality, now_ms - max(0, age_ms))
+
+        acc, cnv = self.last_acc, self.last_cnv
+        plc(acc, "beam_current", "beam_current_ma")
+        plc(acc, "energy", "energy_mev")
+        plc(acc, "scan_width", "scan_width_cm")
+        plc(acc, "vacuum", "vacuum_pa")
+        plc(cnv, "speed", "speed_m_min")
+        plc(cnv, "tension", "tension_n")
+        plc(cnv, "length", "length_counter_m", self.units.length_to_m)
+        position = self.ledger.position_m if self.ledger is not None else None
+        out["reel_position_m"] = LiveValue("reel_position_m", position, Quality.GOOD, now_ms)
+        o = self.ctl.outputs
+        out["beam_current_sp_ma"] = LiveValue(
+            "beam_current_sp_ma", o.beam_current_sp_ma, Quality.GOOD, now_ms
+        )
+        out["speed_sp_m_min"] = LiveValue("speed_sp_m_min", o.speed_sp_m_min, Quality.GOOD, now_ms)
+        return out
+
+    def line_status(self) -> LineStatus:
+        """The line state as `state` reports it; `t_ms` is when the state was entered, so
+        an unchanged status compares equal from cycle to cycle."""
+        reel = self.ctl.reel
+        return LineStatus(
+            state=self.ctl.state.value,
+            cause=self._state_cause,
+            t_ms=self._state_ms,
+            reel_id=reel.plan.reel_id if reel else None,
+            reel_planned_length_m=reel.plan.planned_length_m if reel else None,
+            reel_started=reel.started if reel else False,
+            recipe_product=self.recipe.product,
+            recipe_version=str(self.recipe.version),
+            alarms=tuple(sorted(self.ctl.alarms)),
+            not_ready_reason=self.ctl.why_not_ready(),
+        )
+
+    def active_alarms(self) -> tuple[ActiveAlarm, ...]:
+        """The latched alarms the controller holds now, oldest first."""
+        alarms = sorted(self.ctl.alarms.values(), key=lambda a: a.t_s)
+        return tuple(
+            ActiveAlarm(a.kind, a.message, a.latched, self._alarm_ms.get(a.kind, self._cycle_ms))
+            for a in alarms
+        )
+
+    async def execute(self, cmd: Command, *, timeout_s: float = COMMAND_TIMEOUT_S) -> CommandResult:
+        """Authorize, then apply `cmd` on the control cycle; audited whether accepted or
+        not. A command unsafe in the current state is refused with the controller's
+        reason. Refused with "controller not running" if no cycle takes it in time."""
+        why = authorize(cmd.sender, cmd, self.cfg.line.mqtt)
+        if why:
+            return self._refuse(cmd, why)
+        if not self._running:
+            return self._refuse(cmd, "controller not running")
+        pending = _Pending(cmd, asyncio.get_running_loop().create_future())
+        try:
+            pending.recipe = await self._prepare(cmd)
+        except LocalError as exc:
+            return self._refuse(cmd, str(exc))
+        self._commands.append(pending)
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending.future), timeout_s)
+        except TimeoutError:
+            if pending.future.done():
+                return pending.future.result()
+            self._withdraw(pending)
+            return self._refuse(cmd, "controller not running")
+        except asyncio.CancelledError:
+            # The caller went away (its connection dropped): no one would hear the answer,
+            # so the command must not act unanswered either.
+            if not pending.future.done():
+                self._withdraw(pending)
+                self._refuse(cmd, "cancelled before the control cycle took it")
+            raise
+
+    def _withdraw(self, pending: _Pending) -> None:
+        # A command must never act later than its answer said it did not.
+        with contextlib.suppress(ValueError):
+            self._commands.remove(pending)
+        pending.future.cancel()
+
+    def audit_command_error(
+        self, sender: str, command: str, reason: str, detail: Mapping[str, Any] | None = None
+    ) -> None:
+        """Audit a command that never became a `Command` (it did not parse)."""
+        if self._store is None:
+            log.warning(
+                "command %s from %s refused (%s); not audited: no store", command, sender, reason
+            )
+            return
+        self._audit(
+            command or "invalid_command",
+            dict(detail or {}),
+            accepted=False,
+            reason=reason,
+            actor=sender,
+        )
+
+    def _refuse(self, cmd: Command, reason: str) -> CommandResult:
+        log.warning("command %s from %s refused: %s", cmd.name.value, cmd.sender, reason)
+        if self._store is not None:
+            self._audit(
+                cmd.name.value, cmd.detail(), accepted=False, reason=reason, actor=cmd.sender
+            )
+        else:
+            log.warning("command %s not audited: the record store is not open", cmd.name.value)
+        return CommandResult(False, reason, cmd.name.value, cmd.request_id, self.ctl.state.value)
+
+    async def _prepare(self, cmd: Command) -> tuple[Recipe, Path] | None:
+        """What a command needs from disk, read before it goes to the cycle (which never
+        waits on a file): the recipe to select, and whether the reel id is new."""
+        if cmd.name is CommandName.START_REEL and cmd.reel_id is not None:
+            store = self._store
+            reel = self.ctl.reel
+            resuming = reel is not None and reel.plan.reel_id == cmd.reel_id
+            if store is not None and not resuming:
+                # On the writer thread, after every write submitted before it.
+                exists = await asyncio.get_running_loop().run_in_executor(
+                    self._exec, store.reel_exists, cmd.reel_id
+                )
+                if exists:
+                    raise LocalError(f"reel {cmd.reel_id!r} exists already: a reel id is used once")
+        if cmd.recipe is not None and cmd.recipe != self.recipe_path.stem:
+            return await asyncio.to_thread(select_recipe, self.cfg, cmd.recipe)
+        return None
+
+    def _take_commands(self) -> None:
+        """Apply the commands waiting for this cycle, before the controller steps."""
+        pending, self._commands = self._commands, []
+        for p in pending:
+            if p.future.done():  # withdrawn after its timeout
+                continue
+            p.future.set_result(self._apply(p))
+
+    def _apply(self, p: _Pending) -> CommandResult:
+        cmd = p.cmd
+        state = self.ctl.state.value
+        detail: dict[str, Any] = {}
+        try:
+            match cmd.name:
+                case CommandName.START_REEL:
+                    self._cmd_start(cmd, p.recipe)
+                case CommandName.STOP:
+                    cause = f"operator stop ({cmd.sender})"
+                    self.ctl.request_stop(f"{cause}: {cmd.reason}" if cmd.reason else cause)
+                case CommandName.ACK_ALARM:
+                    detail["alarms"] = self._cmd_ack(cmd)
+                case CommandName.RESET:
+                    if self.ctl.state is LineState.OFFLINE:
+                        raise CommandRefused("PLC data not available: nothing can be reset now")
+                    self.ctl.request_reset()
+                case CommandName.SELECT_RECIPE:
+                    self._cmd_select(p.recipe)
+        except CommandRefused as exc:
+            return self._refuse(cmd, str(exc))
+        log.info("command %s from %s accepted", cmd.name.value, cmd.sender)
+        self._audit(cmd.name.value, {**cmd.detail(), **detail}, accepted=True, actor=cmd.sender)
+        return CommandResult(True, "", cmd.name.value, cmd.request_id, state, detail)
+
+    def _cmd_start(self, cmd: Command, recipe: tuple[Recipe, Path] | None) -> None:
+        if cmd.reel_id is None or cmd.length_m is None:  # a Command not from parse_command
+            raise CommandRefused("start_reel needs reel_id and length_m")
+        reel = self.ctl.reel
+        resuming = reel is not None and not reel.complete and reel.plan.reel_id == cmd.reel_id
+        if not resuming and cmd.reel_id in self._opened_reels:
+            raise CommandRefused(f"reel {cmd.reel_id!r} exists already: a reel id is used once")
+        if self.ctl.state is not LineState.READY:
+            # Checked before the recipe changes, so that a refused start changes nothing.
+            why = self.ctl.why_not_ready()
+            raise CommandRefused(
+                f"cannot start in state {self.ctl.state.value}" + (f": {why}" if why else "")
+            )
+        old = (self.recipe, self.recipe_path)
+        if recipe is not None:
+            self._cmd_select(recipe)
+        plan = ReelPlan(cmd.reel_id, cmd.length_m, cmd.operator or cmd.sender)
+        try:
+            self.ctl.request_start(plan)
+        except CommandRefused:
+            if recipe is not None:
+                self._use_recipe(*old)
+            raise
+        if not resuming:
+            self._open_reel(plan)
+
+    def _cmd_select(self, recipe: tuple[Recipe, Path] | None) -> None:
+        reel = self.ctl.reel
+        if reel is not None and not reel.complete:
+            raise CommandRefused(
+                f"reel {reel.plan.reel_id} is not finished: its recipe cannot change"
+            )
+        if self.ctl.state in (LineState.STARTING, LineState.RUNNING, LineState.STOPPING):
+            raise CommandRefused(f"cannot change the recipe in state {self.ctl.state.value}")
+        if recipe is not None:  # None: it is the recipe in use already
+            self._use_recipe(*recipe)
+
+    def _use_recipe(self, recipe: Recipe, path: Path) -> None:
+        self.recipe, self.recipe_path = recipe, path
+        self.ctl.recipe = recipe
+
+    def _cmd_ack(self, cmd: Command) -> list[str]:
+        kind = cmd.alarm or "*"
+        kinds = sorted(self._unacked) if kind == "*" else [kind]
+        if not kinds:
+            raise CommandRefused("no unacknowledged alarm")
+        if kind != "*" and kind not in self._unacked:
+            raise CommandRefused(f"no unacknowledged alarm {kind!r}")
+        for k in kinds:
+            self._unacked.pop(k, None)
+        wall, by = self.wall(), cmd.sender
+        self._submit(lambda s: s.ack_alarms(kind, by, wall))
+        return kinds
+
     # ------------------------------------------------------------------ store jobs
 
     def _submit(self, fn: Callable[[RecordStore], Any]) -> None:
@@ -186,16 +466,22 @@ class LineService:
             if not fut.done():
                 still.append(fut)
             elif fut.exception() is not None:
-                log.error("record store write failed: %s", fut.exception())
+                self._store_failed(fut.exception())
         self._pending = still
+
+    def _store_failed(self, exc: BaseException | None) -> None:
+        # Cable that cannot be recorded cannot be shown in spec: stop making it.
+        log.error("record store write failed: %s", exc)
+        if self._store_error is None:
+            self._store_error = f"record store write failed: {exc}"
 
     async def _drain_store(self) -> None:
         pending, self._pending = self._pending, []
         for fut in pending:
             try:
                 await asyncio.wrap_future(fut)
-            except Exception as exc:  # logged; the rest still drains
-                log.error("record store write failed: %s", exc)
+            except Exception as exc:  # the rest still drains
+                self._store_failed(exc)
 
     # ------------------------------------------------------------------ run
 
@@ -206,14 +492,33 @@ class LineService:
             self._exec, RecordStore, self.store_path
         )
         await self._find_interrupted_reel()
+        await self._load_unacked_alarms()
         await self.acc.start()
         await self.cnv.start()
         clean = False
+        self._running = True
         try:
             await self._loop()
             clean = True
         finally:
+            self._running = False
+            self._refuse_pending("service stopping")
             await self._shutdown(clean)
+
+    async def _load_unacked_alarms(self) -> None:
+        # Alarms left unacknowledged by an earlier run can still be acknowledged.
+        assert self._store is not None
+        store = self._store
+        alarms = await asyncio.get_running_loop().run_in_executor(self._exec, store.active_alarms)
+        for a in alarms:
+            if a.acknowledged_at is None:
+                self._unacked[a.kind] = self._unacked.get(a.kind, 0) + 1
+
+    def _refuse_pending(self, reason: str) -> None:
+        pending, self._commands = self._commands, []
+        for p in pending:
+            if not p.future.done():
+                p.future.set_result(self._refuse(p.cmd, reason))
 
     async def _find_interrupted_reel(self) -> None:
         assert self._store is not None
@@ -279,13 +584,19 @@ class LineService:
         acc_snap, cnv_snap = await asyncio.gather(self.acc.poll(), self.cnv.poll())
         self.last_acc, self.last_cnv = acc_snap, cnv_snap
         t_s = self.clock()
+        self._cycle_ms = self.wall_ms()
         await self._configure_plcs()
         acc_vals, cnv_vals = _values(acc_snap), _values(cnv_snap)
         acc_fresh, cnv_fresh = _fresh(acc_snap), _fresh(cnv_snap)
         acc = acc_view(acc_vals, self.cfg.accelerator_map, ok=acc_fresh)
         cnv = cnv_view(cnv_vals, self.cfg.conveyor_map, ok=cnv_fresh)
 
+        self._reap()  # a failed write raises the records alarm below
+        if self._store_error is not None:
+            self.ctl.raise_alarm(t_s, "records", self._store_error)
+            self._store_error = None
         self._operator_requests()
+        self._take_commands()
         position = self.ledger.position_m if self.ledger else None
         out = self.ctl.step(t_s, acc, cnv, position)
         await self._write(out, acc_ok=acc.ok, cnv_ok=cnv.ok)
@@ -294,15 +605,41 @@ class LineService:
         energy_ok = not acc.beam_on or abs(acc.energy_mev - self.recipe.energy_mev) <= (
             self.recipe.energy_tolerance_mev
         )
-        sample = self.units.sample(
-            t_s,
-            acc_vals,
-            cnv_vals,
-            acc_ok=acc_snap.ok,  # the ledger takes GOOD values only
-            cnv_ok=cnv_snap.ok,
-            energy_ok=energy_ok,
+        # The ledger takes GOOD values only, each at the moment its PLC sampled it.
+        now_link_s = max(acc_snap.host_time_s, cnv_snap.host_time_s)
+        samples = self.aligner.push(
+            now_link_s,
+            self._acc_point(acc_snap, energy_ok),
+            self._cnv_point(cnv_snap),
         )
-        self._account(t_s, sample)
+        self._account(t_s, samples)
+
+    def _acc_point(self, snap: Snapshot, energy_ok: bool) -> AccPoint | None:
+        if not snap.ok:
+            return None
+        q = snap.get("charge_total")
+        if q.value is None:
+            return None
+        width = snap.value("scan_width")
+        return AccPoint(
+            self._acc_clock.sample_time(q.host_time_s, q.plc_clock_ms),
+            float(q.value) * self.units.charge_to_uc,
+            None if width is None else float(width),
+            energy_ok,
+        )
+
+    def _cnv_point(self, snap: Snapshot) -> CnvPoint | None:
+        if not snap.ok:
+            return None
+        length = snap.get("length")
+        if length.value is None:
+            return None
+        speed = snap.value("speed")
+        return CnvPoint(
+            self._cnv_clock.sample_time(length.host_time_s, length.plc_clock_ms),
+            float(length.value) * self.units.length_to_m,
+            None if speed is None else float(speed),
+        )
 
     def _operator_requests(self) -> None:
         # A reset acts once the PLCs answer: before that there is nothing to reset yet.
@@ -395,17 +732,31 @@ class LineService:
         wall = self.wall()
         for tr in transitions:
             log.info("state %s -> %s: %s", tr.old.value, tr.new.value, tr.cause)
+            self._state_ms, self._state_cause = self._cycle_ms, tr.cause
             for on_tr in self.on_transition:
                 on_tr(tr)
             detail = {"from": tr.old.value, "to": tr.new.value, "cause": tr.cause}
             self._submit(partial(_audit_transition, wall=wall, detail=detail, reel_id=reel_id))
         for a in alarms:
             log.warning("alarm %s: %s", a.kind, a.message)
+            self._alarm_ms[a.kind] = self._cycle_ms
+            self._unacked[a.kind] = self._unacked.get(a.kind, 0) + 1
             for on_alarm in self.on_alarm:
                 on_alarm(a)
             self._submit(
                 partial(_raise_alarm, kind=a.kind, message=a.message, wall=wall, reel_id=reel_id)
             )
+        self._clear_gone_alarms(transitions, wall)
+
+    def _clear_gone_alarms(self, transitions: list[Transition], wall: str) -> None:
+        """Record as cleared the alarms the controller no longer holds (after a reset),
+        and the unlatched ones once the line runs again."""
+        latched = frozenset(self.ctl.alarms)
+        restarted = any(tr.new is LineState.RUNNING for tr in transitions)
+        if self._latched - latched or (restarted and not latched):
+            keep = sorted(latched)
+            self._submit(lambda s: s.clear_alarms_except(keep, wall))
+        self._latched = latched
 
     def _audit(
         self,
@@ -424,18 +775,23 @@ class LineService:
 
     # ------------------------------------------------------------------ dose records
 
-    def _account(self, t_s: float, sample: Any) -> None:
+    def _account(self, t_s: float, samples: list[LedgerSample]) -> None:
         reel = self.ctl.reel
         if reel is None:
             return
+        records: list[MetreRecord] = []
+        for sample in samples:
+            if self.ledger is None:
+                if reel.started and sample.length_m is not None and sample.charge_uc is not None:
+                    self._start_ledger(sample)
+                continue
+            records += self.ledger.update(sample)
+            if sample.length_m is not None:
+                self._last_sample_length_m = sample.length_m
+        if self.ledger is not None and self.ledger.events:
+            self._ledger_events(reel.plan.reel_id)
         if self.ledger is None:
-            if not reel.started or sample.length_m is None or sample.charge_uc is None:
-                return
-            self._start_ledger(sample)
             return
-        records = self.ledger.update(sample)
-        if sample.length_m is not None:
-            self._last_sample_length_m = sample.length_m
         done = reel.complete and self.ctl.state in (LineState.IDLE, LineState.READY)
         if done:
             records += self.ledger.finish()
@@ -451,6 +807,20 @@ class LineService:
             self.finished_reels.append(reel_id)
             if self._exit_when_done:
                 self._stop.set()
+
+    def _ledger_events(self, reel_id: str) -> None:
+        """Why an interval was not accounted normally: logged, and kept in the records
+        (a skipped sample is routine while a link is down: debug only)."""
+        assert self.ledger is not None
+        events, self.ledger.events = self.ledger.events, []
+        wall = self.wall()
+        for ev in events:
+            if ev.kind == "missing":
+                log.debug("reel %s: sample skipped (%s)", reel_id, ev.detail)
+                continue
+            log.warning("reel %s: dose accounting %s: %s", reel_id, ev.kind, ev.detail)
+            detail: dict[str, Any] = {"kind": ev.kind, "detail": ev.detail}
+            self._submit(partial(_audit_ledger, wall=wall, detail=detail, reel_id=reel_id))
 
     def _save(self, records: list[MetreRecord], t_s: float) -> None:
         assert self.ledger is not None
@@ -505,6 +875,7 @@ class LineService:
         )
 
     def _open_reel(self, plan: ReelPlan) -> None:
+        self._opened_reels.add(plan.reel_id)
         info = ReelInfo(
             reel_id=plan.reel_id,
             line_id=self.line_id,
@@ -538,9 +909,10 @@ class LineService:
             moved = (sample.length_m - float(ckpt["length_counter_m"])) % (
                 self.units.length_modulus_m
             )
-            # Plausible only if no faster than the conveyor could have run; the wall
-            # clock bounds the downtime (it may be off; we take its generous side).
-            if moved <= 300.0 / 60.0 * 3600.0:
+            # Plausible only if no faster than the conveyor could have run while we were
+            # down; the wall clock bounds the downtime (with a minute's slack for clock
+            # error). Beyond it the counter was reset meanwhile: the position is lost.
+            if moved <= _max_travel_m(ckpt.get("wall"), wall):
                 position = float(ckpt["position_m"]) + moved
         first = int(ckpt["next_metre"]) if ckpt else 0
         if position is None:
@@ -561,11 +933,25 @@ class LineService:
 
     # ------------------------------------------------------------------ shutdown
 
+    async def _disarm_watchdogs(self, safe: Outputs) -> None:
+        """After a clean stop (beam off, HV off, line stopped) the PLCs' watchdogs have
+        nothing left to protect; left armed they would latch a fault half a second after
+        we exit, and the next start would need a reset. The next run arms them again
+        when it connects. After a failure they stay armed: they are the last line."""
+        jobs = []
+        if self.acc.connected:
+            jobs.append(_disarm(self.acc, acc_writes(safe, self.cfg.accelerator_map)))
+        if self.cnv.connected:
+            jobs.append(_disarm(self.cnv, cnv_writes(safe, self.cfg.conveyor_map)))
+        done = await asyncio.gather(*jobs)
+        if jobs and all(done):
+            log.info("clean exit: beam and HV off, line stopped, PLC watchdogs disarmed")
+
     async def _shutdown(self, clean: bool) -> None:
         if not clean:
             log.error("service failed: commanding the safe state")
         safe = Outputs(
-            hv_on=self.ctl.outputs.hv_on and clean,
+            hv_on=False,
             watchdog=(self.ctl.outputs.watchdog + 1) & 0xFFFF,
             energy_sp_mev=self.recipe.energy_mev,
             scan_width_sp_cm=self.recipe.scan_width_cm,
@@ -573,15 +959,48 @@ class LineService:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
                 await self._write(safe, acc_ok=True, cnv_ok=True)
+        if clean:
+            await self._disarm_watchdogs(safe)
         if self.ledger is not None and self.ctl.reel is not None:
             self._save([], self.clock())  # the checkpoint a restart resumes from
         await self._drain_store()
         await self.acc.close()
         await self.cnv.close()
-        store = self._store
+        store, self._store = self._store, None  # a late command is refused, not audited
         if store is not None:
             await asyncio.get_running_loop().run_in_executor(self._exec, store.close)
         self._exec.shutdown(wait=True)
+
+
+MAX_LINE_SPEED_M_MIN = 300.0
+"""Faster than any cable line in the spec's range (5 to 250 m/min) runs."""
+
+
+def _max_travel_m(since_wall: object, now_wall: str) -> float:
+    """How far the cable can have moved between two wall-clock stamps, generously."""
+    try:
+        down_s = (
+            datetime.fromisoformat(now_wall) - datetime.fromisoformat(str(since_wall))
+        ).total_seconds()
+    except (TypeError, ValueError):
+        down_s = 3600.0  # no usable stamp: an hour's travel
+    return MAX_LINE_SPEED_M_MIN / 60.0 * (max(0.0, down_s) + 60.0)
+
+
+async def _disarm(link: PlcLink, safe: Mapping[str, float]) -> bool:
+    try:
+        async with asyncio.timeout(1.0):
+            # Only once the safe state is written and read back.
+            await link.write_many(safe, verify=True)
+            await link.write_many({"watchdog_timeout": 0}, verify=True)
+    except (PlcError, TimeoutError) as exc:
+        log.warning("%s: watchdog left armed (%s): it will latch a fault", link.name, exc)
+        return False
+    return True
+
+
+def _audit_ledger(store: RecordStore, *, wall: str, detail: dict[str, Any], reel_id: str) -> None:
+    store.audit(wall, "ledger", "interval", detail, True, reel_id=reel_id)
 
 
 def _audit_transition(

@@ -15,6 +15,13 @@ Time: every timestamp is an argument (ISO 8601 UTC text); the store never reads 
 
 Restart rule: a metre index, once stored, is never stored again, never counted twice and
 never overwritten: the first record of a metre wins (see `add_metres`).
+
+Outbox (store-and-forward, docs/mqtt.md): every record written (new metres, unproven
+ranges, reel start and end, alarm raised/acknowledged/cleared, audit events) also writes
+an `outbox` row in the same transaction, so a record on disk always has its outbox row.
+Publishers read the outbox in `seq` order on their own `RecordStore` (their own
+connection) and advance a named, persisted cursor only past what their broker has
+acknowledged.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from linectl.errors import LocalError
 
 log = logging.getLogger("linectl.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE reels (
@@ -96,8 +103,25 @@ CREATE TABLE reel_state (
 );
 """
 
+# Version 2: the outbox for store-and-forward publishing, and its consumers' cursors.
+_SCHEMA_V2 = """
+CREATE TABLE outbox (
+    seq  INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL CHECK (kind IN ('metres', 'reel', 'alarm', 'audit')),
+    t    TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE TABLE outbox_cursor (
+    consumer TEXT PRIMARY KEY,
+    seq      INTEGER NOT NULL CHECK (seq >= 0)
+);
+"""
+
 # Index i holds the script that takes the schema from version i to i + 1.
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
+
+OUTBOX_KEEP = 100_000
+"""Outbox rows kept after every consumer has passed them (for late diagnosis)."""
 
 
 def utc_now_iso() -> str:
@@ -173,6 +197,16 @@ class Alarm:
     def active(self) -> bool:
         """Shown until it is both cleared and acknowledged (latched alarms)."""
         return self.cleared_at is None or self.acknowledged_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One record waiting to be published: its kind, the record's time and content."""
+
+    seq: int
+    kind: str  # metres, reel, alarm, audit
+    t: str
+    data: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +306,13 @@ class RecordStore:
         while version < SCHEMA_VERSION:
             db.execute("BEGIN IMMEDIATE")
             try:
+                # Another connection (the publisher's, another process) may have migrated
+                # while we waited for the write lock: read the version again under it.
+                row = db.execute("SELECT version FROM schema_version").fetchone()
+                if row is not None and int(row[0]) > version:
+                    db.execute("COMMIT")
+                    version = int(row[0])
+                    continue
                 for stmt in _MIGRATIONS[version].split(";"):
                     if stmt.strip():
                         db.execute(stmt)
@@ -314,6 +355,23 @@ class RecordStore:
                     reel.started_at,
                     json.dumps(dict(reel.start), sort_keys=True),
                 ),
+            )
+            _outbox(
+                db,
+                "reel",
+                reel.started_at,
+                {
+                    "event": "start",
+                    "reel_id": reel.reel_id,
+                    "line_id": reel.line_id,
+                    "operator": reel.operator,
+                    "planned_length_m": reel.planned_length_m,
+                    "recipe": {
+                        "product": reel.recipe_product,
+                        "version": reel.recipe_version,
+                        "hash": reel.recipe_hash,
+                    },
+                },
             )
 
     _REEL_COLUMNS = (
@@ -359,6 +417,10 @@ class RecordStore:
             raise LocalError(f"no reel {reel_id!r} in {self.path}")
         return self._reel_from_row(rows[0])
 
+    def reel_exists(self, reel_id: str) -> bool:
+        """Whether a reel with this id was ever recorded (a reel id is used once)."""
+        return bool(self._query("SELECT 1 FROM reels WHERE reel_id = ?", (reel_id,)))
+
     def reels(self) -> list[ReelRecord]:
         """Every reel, oldest start first."""
         rows = self._query(f"SELECT {self._REEL_COLUMNS} FROM reels ORDER BY started_at, rowid")
@@ -371,6 +433,13 @@ class RecordStore:
             db.execute(
                 "UPDATE reels SET state = 'closed', ended_at = ?, end_reason = ? WHERE reel_id = ?",
                 (ended_at, reason, reel_id),
+            )
+            summary = _reel_summary(db, reel_id)
+            _outbox(
+                db,
+                "reel",
+                ended_at,
+                {"event": "end", "reel_id": reel_id, "reason": reason, "summary": summary},
             )
 
     @staticmethod
@@ -406,6 +475,7 @@ class RecordStore:
             return 0
         inserted = 0
         conflicts: list[int] = []
+        new: list[dict[str, Any]] = []
         with self._tx() as db:
             self._require_open(db, reel_id)
             for rec in records:
@@ -426,6 +496,7 @@ class RecordStore:
                 )
                 if cur.rowcount == 1:
                     inserted += 1
+                    new.append(_metre_json(rec))
                     continue
                 old = db.execute(
                     "SELECT dose_kgy, min_dose_kgy, max_dose_kgy, verdict, causes FROM metres "
@@ -436,6 +507,13 @@ class RecordStore:
                     conflicts.append(rec.index)
             for key, value in (state or {}).items():
                 self._put_state(db, reel_id, key, value)
+            if new:
+                _outbox(
+                    db,
+                    "metres",
+                    recorded_at,
+                    {"event": "metres", "reel_id": reel_id, "metres": new},
+                )
         if conflicts:
             log.warning(
                 "reel %s: %d metre(s) came again with other content and were kept as first "
@@ -465,6 +543,13 @@ class RecordStore:
             raise LocalError(f"bad metre range {first_idx}..{last_idx}")
         with self._tx() as db:
             self._require_open(db, reel_id)
+            stored = {
+                int(r[0])
+                for r in db.execute(
+                    "SELECT idx FROM metres WHERE reel_id = ? AND idx BETWEEN ? AND ?",
+                    (reel_id, first_idx, last_idx),
+                )
+            }
             cur = db.executemany(
                 "INSERT OR IGNORE INTO metres (reel_id, idx, dose_kgy, min_dose_kgy, "
                 "max_dose_kgy, verdict, causes, recorded_at) "
@@ -474,6 +559,19 @@ class RecordStore:
                     for i in range(first_idx, last_idx + 1)
                 ),
             )
+            for lo, hi in _missing_ranges(first_idx, last_idx, stored):
+                _outbox(
+                    db,
+                    "metres",
+                    recorded_at,
+                    {
+                        "event": "unproven",
+                        "reel_id": reel_id,
+                        "first_index": lo,
+                        "last_index": hi,
+                        "cause": cause,
+                    },
+                )
             return int(cur.rowcount)
 
     def metres(self, reel_id: str) -> list[StoredMetre]:
@@ -500,26 +598,76 @@ class RecordStore:
                 (reel_id, kind, message, raised_at),
             )
             assert cur.lastrowid is not None
-            return int(cur.lastrowid)
+            alarm_id = int(cur.lastrowid)
+            _outbox(
+                db,
+                "alarm",
+                raised_at,
+                {
+                    "event": "raised",
+                    "alarm_id": alarm_id,
+                    "kind": kind,
+                    "message": message,
+                    "reel_id": reel_id,
+                },
+            )
+            return alarm_id
 
     def ack_alarm(self, alarm_id: int, by: str, at: str) -> None:
         """Acknowledge an alarm; a second acknowledgement keeps the first one's time."""
         with self._tx() as db:
             self._require_alarm(db, alarm_id)
-            db.execute(
-                "UPDATE alarms SET acknowledged_at = ?, acknowledged_by = ? "
-                "WHERE id = ? AND acknowledged_at IS NULL",
-                (at, by, alarm_id),
-            )
+            self._ack(db, alarm_id, by, at)
+
+    def ack_alarms(self, kind: str, by: str, at: str) -> list[int]:
+        """Acknowledge every unacknowledged alarm of `kind` ("*": of any kind); return
+        their ids (empty when there was none)."""
+        with self._tx() as db:
+            if kind == "*":
+                rows = db.execute("SELECT id FROM alarms WHERE acknowledged_at IS NULL")
+            else:
+                rows = db.execute(
+                    "SELECT id FROM alarms WHERE acknowledged_at IS NULL AND kind = ?", (kind,)
+                )
+            ids = [int(r[0]) for r in rows.fetchall()]
+            for alarm_id in ids:
+                self._ack(db, alarm_id, by, at)
+            return ids
+
+    @staticmethod
+    def _ack(db: sqlite3.Connection, alarm_id: int, by: str, at: str) -> None:
+        cur = db.execute(
+            "UPDATE alarms SET acknowledged_at = ?, acknowledged_by = ? "
+            "WHERE id = ? AND acknowledged_at IS NULL",
+            (at, by, alarm_id),
+        )
+        if cur.rowcount == 1:
+            _outbox_alarm_event(db, alarm_id, "acknowledged", at, by=by)
 
     def clear_alarm(self, alarm_id: int, at: str) -> None:
         """Record that an alarm's condition has gone; clearing twice keeps the first time."""
         with self._tx() as db:
             self._require_alarm(db, alarm_id)
-            db.execute(
-                "UPDATE alarms SET cleared_at = ? WHERE id = ? AND cleared_at IS NULL",
-                (at, alarm_id),
-            )
+            self._clear(db, alarm_id, at)
+
+    def clear_alarms_except(self, active_kinds: Sequence[str], at: str) -> list[int]:
+        """Clear every uncleared alarm whose kind is not in `active_kinds` (the controller
+        no longer holds it); return their ids."""
+        with self._tx() as db:
+            rows = db.execute("SELECT id, kind FROM alarms WHERE cleared_at IS NULL").fetchall()
+            ids = [int(r[0]) for r in rows if r[1] not in set(active_kinds)]
+            for alarm_id in ids:
+                self._clear(db, alarm_id, at)
+            return ids
+
+    @staticmethod
+    def _clear(db: sqlite3.Connection, alarm_id: int, at: str) -> None:
+        cur = db.execute(
+            "UPDATE alarms SET cleared_at = ? WHERE id = ? AND cleared_at IS NULL",
+            (at, alarm_id),
+        )
+        if cur.rowcount == 1:
+            _outbox_alarm_event(db, alarm_id, "cleared", at)
 
     @staticmethod
     def _require_alarm(db: sqlite3.Connection, alarm_id: int) -> None:
@@ -578,7 +726,22 @@ class RecordStore:
                 ),
             )
             assert cur.lastrowid is not None
-            return int(cur.lastrowid)
+            event_id = int(cur.lastrowid)
+            _outbox(
+                db,
+                "audit",
+                t,
+                {
+                    "event_id": event_id,
+                    "actor": actor,
+                    "action": action,
+                    "detail": dict(detail),
+                    "accepted": bool(accepted),
+                    "reason": reason,
+                    "reel_id": reel_id,
+                },
+            )
+            return event_id
 
     def events(self, reel_id: str | None = None) -> list[AuditEvent]:
         """Audit events (of one reel when given), in the order recorded."""
@@ -624,6 +787,173 @@ class RecordStore:
         value = json.loads(rows[0][0])
         assert isinstance(value, dict)
         return value
+
+    # ------------------------------------------------------------------ outbox
+
+    def outbox_after(self, seq: int, limit: int = 100) -> list[OutboxRow]:
+        """Outbox rows with a sequence number above `seq`, oldest first, at most `limit`."""
+        rows = self._query(
+            "SELECT seq, kind, t, data FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [OutboxRow(int(r[0]), r[1], r[2], json.loads(r[3])) for r in rows]
+
+    def outbox_last_seq(self) -> int:
+        """The newest outbox sequence number (0 when none was ever written)."""
+        # sqlite_sequence keeps the highest AUTOINCREMENT value even after pruning.
+        row = self._query("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
+        return int(row[0][0]) if row else 0
+
+    def outbox_cursor(self, consumer: str) -> int:
+        """The last sequence number `consumer` has had acknowledged (0: none yet)."""
+        rows = self._query("SELECT seq FROM outbox_cursor WHERE consumer = ?", (consumer,))
+        return int(rows[0][0]) if rows else 0
+
+    def outbox_backlog(self, consumer: str) -> int:
+        """How many outbox rows `consumer` has not had acknowledged yet."""
+        rows = self._query(
+            "SELECT COUNT(*) FROM outbox WHERE seq > "
+            "COALESCE((SELECT seq FROM outbox_cursor WHERE consumer = ?), 0)",
+            (consumer,),
+        )
+        return int(rows[0][0])
+
+    def advance_outbox_cursor(self, consumer: str, seq: int) -> None:
+        """Record that `consumer` has had every row up to `seq` acknowledged. A cursor
+        never moves back; LocalError for a sequence number never written."""
+        if seq < 0:
+            raise LocalError(f"outbox cursor {seq} is negative")
+        with self._tx() as db:
+            last = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            if seq > (int(last[0]) if last else 0):
+                raise LocalError(f"outbox cursor {seq} is past the newest row")
+            db.execute(
+                "INSERT INTO outbox_cursor (consumer, seq) VALUES (?, ?) "
+                "ON CONFLICT (consumer) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+                (consumer, seq),
+            )
+
+    def prune_outbox(self, keep: int = OUTBOX_KEEP) -> int:
+        """Delete outbox rows every known consumer has passed, but the newest `keep` of
+        those; return how many. Without any consumer nothing is deleted."""
+        with self._tx() as db:
+            low = db.execute("SELECT MIN(seq) FROM outbox_cursor").fetchone()[0]
+            if low is None:
+                return 0
+            cur = db.execute("DELETE FROM outbox WHERE seq <= ?", (int(low) - keep,))
+            return int(cur.rowcount)
+
+
+def _outbox(db: sqlite3.Connection, kind: str, t: str, data: Mapping[str, Any]) -> None:
+    """Queue a record for publishing, inside the caller's transaction."""
+    db.execute(
+        "INSERT INTO outbox (kind, t, data) VALUES (?, ?, ?)",
+        (kind, t, json.dumps(_json_safe(dict(data)), sort_keys=True, allow_nan=False)),
+    )
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity: an unknown number is published as null, so that a
+    record is never lost (rolled back) for a value it cannot encode."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _outbox_alarm_event(
+    db: sqlite3.Connection, alarm_id: int, event: str, at: str, *, by: str | None = None
+) -> None:
+    kind, message, reel_id = db.execute(
+        "SELECT kind, message, reel_id FROM alarms WHERE id = ?", (alarm_id,)
+    ).fetchone()
+    data: dict[str, Any] = {
+        "event": event,
+        "alarm_id": alarm_id,
+        "kind": kind,
+        "message": message,
+        "reel_id": reel_id,
+    }
+    if by is not None:
+        data["by"] = by
+    _outbox(db, "alarm", at, data)
+
+
+def _metre_json(rec: MetreRecord) -> dict[str, Any]:
+    return {
+        "index": rec.index,
+        "dose_kgy": _finite(rec.dose_kgy),
+        "min_dose_kgy": _finite(rec.min_dose_kgy),
+        "max_dose_kgy": _finite(rec.max_dose_kgy),
+        "verdict": rec.verdict.value,
+        "causes": list(rec.causes),
+    }
+
+
+def _missing_ranges(first: int, last: int, stored: set[int]) -> list[tuple[int, int]]:
+    """Contiguous runs of first..last (inclusive) not in `stored`."""
+    out: list[tuple[int, int]] = []
+    start: int | None = None
+    for i in range(first, last + 2):
+        missing = i <= last and i not in stored
+        if missing and start is None:
+            start = i
+        elif not missing and start is not None:
+            out.append((start, i - 1))
+            start = None
+    return out
+
+
+def _reel_summary(db: sqlite3.Connection, reel_id: str) -> dict[str, Any]:
+    """The end-of-reel summary published with the reel's end: counts by verdict, the
+    out-of-spec ranges with their causes, dose statistics."""
+    rows = db.execute(
+        "SELECT idx, dose_kgy, verdict, causes FROM metres WHERE reel_id = ? ORDER BY idx",
+        (reel_id,),
+    ).fetchall()
+    info = db.execute(
+        "SELECT started_at, ended_at, planned_length_m FROM reels WHERE reel_id = ?", (reel_id,)
+    ).fetchone()
+    by_verdict = {v.value: 0 for v in Verdict}
+    out_of_spec: list[dict[str, Any]] = []
+    doses = [float(r[1]) for r in rows if r[1] is not None]
+    for idx, _dose, verdict, causes in rows:
+        by_verdict[verdict] = by_verdict.get(verdict, 0) + 1
+        if verdict == Verdict.IN_SPEC.value:
+            continue
+        last = out_of_spec[-1] if out_of_spec else None
+        if (
+            last is not None
+            and last["last_index"] == idx - 1
+            and last["verdict"] == verdict
+            and last["causes"] == _causes_tuple(causes)
+        ):
+            last["last_index"] = idx
+        else:
+            out_of_spec.append(
+                {
+                    "first_index": idx,
+                    "last_index": idx,
+                    "verdict": verdict,
+                    "causes": _causes_tuple(causes),
+                }
+            )
+    for r in out_of_spec:
+        r["causes"] = list(r["causes"])
+    return {
+        "metres": len(rows),
+        "by_verdict": by_verdict,
+        "out_of_spec": out_of_spec,
+        "dose_min_kgy": min(doses) if doses else None,
+        "dose_max_kgy": max(doses) if doses else None,
+        "dose_mean_kgy": sum(doses) / len(doses) if doses else None,
+        "started_at": info[0],
+        "ended_at": info[1],
+        "planned_length_m": info[2],
+    }
 
 
 def _ranges_text(indices: Sequence[int]) -> str:

@@ -9,19 +9,20 @@ exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import CONFIG_DIR, free_port
+from conftest import free_port
+from e2e_scenarios import TRUE_K, compact_config, endpoints, wait_for
 
 from linectl.config import LoadedConfig, load_config
 from linectl.core.control import LineState
@@ -31,51 +32,6 @@ from linectl.store import RecordStore, StoredMetre
 from simulators.server import SimulatedLine
 
 pytestmark = pytest.mark.slow
-
-TRUE_K = 6000.0  # the plant's true dose coefficient, as dosimetry gave it to the recipe
-
-FAST_RECIPE = """
-product = "test cable"
-version = "e2e-1"
-target_dose_kgy = 120.0
-min_dose_kgy = 105.0
-max_dose_kgy = 140.0
-energy_mev = 1.2
-energy_tolerance_mev = 0.05
-k_dose = 6000.0
-scan_width_cm = 100.0
-beam_current_min_ma = 1.0
-beam_current_max_ma = 40.0
-speed_min_m_min = 5.0
-speed_max_m_min = 250.0
-"""
-
-
-def compact_config(tmp_path: Path) -> Path:
-    """The shipped configuration with a compact geometry and a fast test recipe."""
-    d = tmp_path / "config"
-    shutil.copytree(CONFIG_DIR, d)
-    line = (d / "line.toml").read_text()
-    for old, new in [
-        ("passes = 16", "passes = 4"),
-        ("pass_spacing_m = 6.0", "pass_spacing_m = 0.5"),
-        ("first_pass_offset_m = 4.0", "first_pass_offset_m = 0.5"),
-        ("relative_ramp_per_s = 0.25", "relative_ramp_per_s = 1.0"),
-        ('default_recipe = "pv-1x6-en50618"', 'default_recipe = "fast"'),
-        ('path = "records/linectl.sqlite"', f'path = "{tmp_path / "records.sqlite"}"'),
-    ]:
-        assert old in line, old
-        line = line.replace(old, new)
-    (d / "line.toml").write_text(line)
-    (d / "recipes" / "fast.toml").write_text(FAST_RECIPE)
-    return d
-
-
-def endpoints(cfg: LoadedConfig, sim: SimulatedLine) -> dict[str, object]:
-    return {
-        "acc_endpoint": cfg.line.accelerator.model_copy(update={"port": sim.acc_port}),
-        "cnv_endpoint": cfg.line.conveyor.model_copy(update={"port": sim.cnv_port}),
-    }
 
 
 def check_against_truth(
@@ -97,92 +53,31 @@ def check_against_truth(
     return counts
 
 
-async def wait_for(cond: object, timeout_s: float, what: str) -> None:
-    assert callable(cond)
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 @pytest.fixture
 def cfg_dir(tmp_path: Path) -> Path:
     return compact_config(tmp_path)
 
 
-async def test_clean_reel_over_modbus(cfg_dir: Path, tmp_path: Path) -> None:
-    cfg = load_config(cfg_dir, environ={})
-    recipe, path = select_recipe(cfg, None)
-    async with SimulatedLine(cfg, seed=2, k_dose_true=TRUE_K) as sim:
-        svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))  # type: ignore[arg-type]
-        svc.on_reel_start.append(lambda _r, counter_m: sim.plant.start_reel(counter_m))
-        svc.request_reel(ReelRequest("E2E-1", 15.0, "pytest"))
-        await asyncio.wait_for(svc.run(exit_when_done=True), 120.0)
-        assert svc.finished_reels == ["E2E-1"]
-        assert sim.requests("accelerator") > 0
-        with RecordStore(tmp_path / "records.sqlite") as store:
-            metres = store.metres("E2E-1")
-            reel = store.reel("E2E-1")
-        counts = check_against_truth(metres, sim, cfg, 15)
-    assert counts == {"in_spec": 15}
-    assert reel.state == "closed"
-    assert reel.recipe_version == "e2e-1"
-    # At the end the line stands still with the beam off.
-    assert not sim.plant.accelerator.beam_on
-    assert not sim.plant.conveyor.running
+@dataclass
+class Daemon:
+    """How to start `linectl run` against simulators on free ports."""
 
+    acc_port: int
+    cnv_port: int
+    env: dict[str, str]
+    cmd: list[str]
 
-async def test_estop_to_beam_off_write(cfg_dir: Path) -> None:
-    cfg = load_config(cfg_dir, environ={})
-    recipe, path = select_recipe(cfg, None)
-    async with SimulatedLine(cfg, seed=3, k_dose_true=TRUE_K) as sim:
-        svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))  # type: ignore[arg-type]
-        svc.request_reel(ReelRequest("E2E-ESTOP", 1000.0, "pytest"))
-        task = asyncio.create_task(svc.run())
-        try:
-            await wait_for(
-                lambda: svc.ctl.state is LineState.RUNNING and sim.plant.conveyor.speed_m_min > 40,
-                60.0,
-                "the line running at speed",
-            )
-            t0 = time.monotonic()
-            sim.faults.estop()
-            await wait_for(lambda: not sim.plant.accelerator.beam_on_req, 5.0, "beam-off write")
-            estop_to_beam_off_s = time.monotonic() - t0
-            print(f"e-stop to beam-off write at the accelerator PLC: {estop_to_beam_off_s:.3f} s")
-            await wait_for(lambda: not sim.plant.conveyor.running, 5.0, "the line stopped")
-            assert svc.ctl.state is LineState.FAULT
-            assert "estop" in svc.ctl.alarms
-            assert sim.plant.truth.burns == []
-        finally:
-            svc.stop()
-            await asyncio.wait_for(task, 30.0)
-
-
-async def test_conveyor_link_loss_then_resume(cfg_dir: Path, tmp_path: Path) -> None:
-    cfg = load_config(cfg_dir, environ={})
-    recipe, path = select_recipe(cfg, None)
-    async with SimulatedLine(cfg, seed=4, k_dose_true=TRUE_K) as sim:
-        svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))  # type: ignore[arg-type]
-        svc.on_reel_start.append(lambda _r, counter_m: sim.plant.start_reel(counter_m))
-        svc.request_reel(ReelRequest("E2E-LOSS", 25.0, "pytest"))
-        task = asyncio.create_task(svc.run(exit_when_done=True))
-        await wait_for(
-            lambda: svc.ledger is not None and (svc.ledger.position_m or 0) > 8.0, 60.0, "8 m run"
-        )
-        loss = sim.faults.link_loss("conveyor", 1.5)
-        await wait_for(lambda: not sim.plant.accelerator.beam_on_req, 2.0, "beam off")
-        await loss
-        await wait_for(lambda: svc.ctl.state is LineState.FAULT, 10.0, "FAULT after the loss")
-        assert "conveyor_link" in svc.ctl.alarms
-        svc.request_reset()
-        svc.request_reel(ReelRequest("E2E-LOSS", 25.0, "pytest"))  # resume the same reel
-        await asyncio.wait_for(task, 120.0)
-        with RecordStore(tmp_path / "records.sqlite") as store:
-            metres = store.metres("E2E-LOSS")
-        counts = check_against_truth(metres, sim, cfg, 25)
-    assert counts.get("unproven", 0) > 0  # the cable that passed while we were blind
-    assert counts.get("in_spec", 0) > 10
+    @classmethod
+    def on_free_ports(cls, cfg_dir: Path, base_env: dict[str, str]) -> Daemon:
+        acc_port, cnv_port = free_port(), free_port()
+        env = {
+            **base_env,
+            "LINECTL_ACCELERATOR__PORT": str(acc_port),
+            "LINECTL_CONVEYOR__PORT": str(cnv_port),
+            "LINECTL_METRICS__PORT": "0",  # never the default port another process may hold
+        }
+        cmd = [sys.executable, "-m", "linectl", "run", "--config", str(cfg_dir)]
+        return cls(acc_port, cnv_port, env, cmd)
 
 
 @pytest.fixture
@@ -220,13 +115,8 @@ async def test_sigkill_mid_reel_then_restart_resumes(
 ) -> None:
     cfg = load_config(cfg_dir, environ={})
     db = tmp_path / "records.sqlite"
-    acc_port, cnv_port = free_port(), free_port()
-    env = {
-        **daemon_env,
-        "LINECTL_ACCELERATOR__PORT": str(acc_port),
-        "LINECTL_CONVEYOR__PORT": str(cnv_port),
-    }
-    cmd = [sys.executable, "-m", "linectl", "run", "--config", str(cfg_dir)]
+    d = Daemon.on_free_ports(cfg_dir, daemon_env)
+    acc_port, cnv_port, env, cmd = d.acc_port, d.cnv_port, d.env, d.cmd
     async with SimulatedLine(
         cfg, acc_port=acc_port, cnv_port=cnv_port, seed=5, k_dose_true=TRUE_K
     ) as sim:
@@ -244,7 +134,7 @@ async def test_sigkill_mid_reel_then_restart_resumes(
             await wait_for(lambda: _count_metres(db, "E2E-KILL") >= 8, 60.0, "8 metres recorded")
             first.send_signal(signal.SIGKILL)
             first.wait(5.0)
-        except AssertionError:
+        except (AssertionError, TimeoutError):
             first.kill()
             _out, err1 = first.communicate(timeout=5.0)
             raise AssertionError(f"first daemon: {err1.decode()[-3000:]}") from None
@@ -276,3 +166,126 @@ async def test_sigkill_mid_reel_then_restart_resumes(
     assert counts.get("unproven", 0) > 0  # the cable the dead controller could not see
     assert counts.get("in_spec", 0) >= 20
     assert "interrupted reel E2E-KILL" in err.decode()
+
+
+async def test_sigterm_stops_the_line_safely_before_exit(
+    cfg_dir: Path, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """SIGTERM: the daemon itself ramps the line down and switches the beam off (the
+    PLCs' watchdogs never have to), records every metre it saw, and leaves the reel
+    open to be resumed."""
+    cfg = load_config(cfg_dir, environ={})
+    db = tmp_path / "records.sqlite"
+    d = Daemon.on_free_ports(cfg_dir, daemon_env)
+    acc_port, cnv_port, env, cmd = d.acc_port, d.cnv_port, d.env, d.cmd
+    async with SimulatedLine(
+        cfg, acc_port=acc_port, cnv_port=cnv_port, seed=6, k_dose_true=TRUE_K
+    ) as sim:
+        proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            "--reel",
+            "E2E-TERM",
+            "--length",
+            "200",
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await wait_for(lambda: _start_counter(db, "E2E-TERM") is not None, 60.0, "reel start")
+            counter = _start_counter(db, "E2E-TERM")
+            assert counter is not None
+            sim.plant.start_reel(counter)
+            await wait_for(lambda: _count_metres(db, "E2E-TERM") >= 5, 60.0, "5 metres recorded")
+            assert sim.plant.accelerator.beam_on
+            proc.send_signal(signal.SIGTERM)
+            _out, err = await asyncio.wait_for(proc.communicate(), 60.0)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0, err.decode()[-2000:]
+        # The controller did it: no watchdog trip latched on either PLC.
+        assert not sim.plant.accelerator.watchdog_trip
+        assert not sim.plant.accelerator.beam_on_req
+        assert not sim.plant.accelerator.beam_on
+        await wait_for(lambda: not sim.plant.conveyor.running, 10.0, "the line stopped")
+        assert sim.plant.conveyor.speed_sp_m_min == 0.0
+        assert sim.plant.truth.burns == []
+        with RecordStore(db) as store:
+            metres = store.metres("E2E-TERM")
+            reel = store.reel("E2E-TERM")
+        assert reel.state == "open"  # interrupted, to be resumed with `run --resume`
+        assert [m.index for m in metres] == list(range(len(metres)))
+        assert len(metres) >= 5
+        recipe, _ = select_recipe(cfg, None)
+        for m in metres:
+            if m.verdict is Verdict.IN_SPEC:
+                true = sim.plant.truth.dose_kgy(m.index)
+                assert recipe.min_dose_kgy <= true <= recipe.max_dose_kgy, m
+        # A clean exit disarms the watchdogs: the next run starts without a reset.
+        await asyncio.sleep(1.0)
+        assert not sim.plant.accelerator.watchdog_trip
+        assert not sim.plant.accelerator.fault_latched
+        assert not sim.plant.conveyor.fault_latched
+        assert not sim.plant.accelerator.hv_on_req
+    log = err.decode()
+    assert "stopping: bringing the line to a safe stop" in log
+    assert "PLC watchdogs disarmed" in log
+
+
+async def test_cancelled_service_commands_the_safe_state(cfg_dir: Path) -> None:
+    """A cancelled (or failing) service writes beam off and line stop on its way out,
+    before any PLC watchdog could act."""
+    cfg = load_config(cfg_dir, environ={})
+    recipe, path = select_recipe(cfg, None)
+    async with SimulatedLine(cfg, seed=7, k_dose_true=TRUE_K) as sim:
+        svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))
+        svc.request_reel(ReelRequest("E2E-CANCEL", 1000.0, "pytest"))
+        task = asyncio.create_task(svc.run())
+        await wait_for(
+            lambda: svc.ctl.state is LineState.RUNNING and sim.plant.accelerator.beam_on,
+            60.0,
+            "the line running with the beam on",
+        )
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        # Written by the service on its way out, not by a watchdog.
+        assert not sim.plant.accelerator.beam_on_req
+        assert not sim.plant.accelerator.hv_on_req
+        assert sim.plant.conveyor.speed_sp_m_min == 0.0
+        assert not sim.plant.accelerator.watchdog_trip
+
+
+async def test_record_store_failure_stops_the_line(cfg_dir: Path) -> None:
+    """Cable that cannot be recorded cannot be shown in spec: a failing store raises a
+    latched `records` alarm and the line goes to FAULT (beam off, line stopped)."""
+    cfg = load_config(cfg_dir, environ={})
+    recipe, path = select_recipe(cfg, None)
+    async with SimulatedLine(cfg, seed=8, k_dose_true=TRUE_K) as sim:
+        svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))
+        svc.request_reel(ReelRequest("E2E-DISK", 1000.0, "pytest"))
+        task = asyncio.create_task(svc.run())
+        try:
+            await wait_for(
+                lambda: svc.ledger is not None and (svc.ledger.position_m or 0) > 3.0,
+                60.0,
+                "3 m of reel",
+            )
+            store = svc._store
+            assert store is not None
+
+            def broken(*_a: object, **_k: object) -> None:
+                raise sqlite3.OperationalError("disk I/O error")
+
+            store.add_metres = broken  # type: ignore[method-assign]
+            await wait_for(lambda: "records" in svc.ctl.alarms, 10.0, "the records alarm")
+            assert svc.ctl.state is LineState.FAULT
+            assert "disk I/O error" in svc.ctl.alarms["records"].message
+            await wait_for(lambda: not sim.plant.accelerator.beam_on, 2.0, "beam off")
+            await wait_for(lambda: not sim.plant.conveyor.running, 15.0, "the line stopped")
+            assert sim.plant.truth.burns == []
+        finally:
+            svc.stop()
+            await asyncio.wait_for(task, 30.0)

@@ -229,6 +229,13 @@ class Controller:
         elif self.state is not LineState.STOPPING:
             raise CommandRefused(f"nothing to stop in state {self.state.value}")
 
+    def raise_alarm(self, t_s: float, kind: str, message: str) -> None:
+        """A latched alarm from outside the control core (the record store failing, say):
+        the line goes to FAULT and stays there until reset."""
+        self._alarm(t_s, kind, message)
+        if self.state is not LineState.FAULT:
+            self._to(t_s, LineState.FAULT, message)
+
     def request_reset(self) -> None:
         """Reset latched alarms and PLC faults once their causes are gone."""
         if self.state is not LineState.FAULT and not self.alarms:

@@ -153,3 +153,14 @@ class CounterUnits:
             energy_ok=energy_ok,
             speed_m_min=None if v is None else float(v),
         )
+
+
+def plc_clock_modulus_ms(rmap: RegisterMap) -> float:
+    """Where the map's PLC clock wraps, in ms (a map without a clock: never used)."""
+    if "clock" not in rmap.fields:
+        return float(2**32)
+    f = rmap.field("clock")
+    scale_to_ms = {"ms": 1.0, "s": 1000.0}.get(f.unit)
+    if scale_to_ms is None:
+        raise ConfigError(f"{rmap.plc} map: clock unit {f.unit!r} is not one of ['ms', 's']")
+    return counter_modulus(f) * scale_to_ms

@@ -196,6 +196,12 @@ class LinkStats:
     ewma_latency_s: float | None = None
     latencies_s: dict[int, deque[float]] = field(default_factory=dict, repr=False)
     """Function code -> the most recent request latencies (bounded)."""
+    on_request: list[Callable[[int, float], None]] = field(
+        default_factory=list, repr=False, compare=False
+    )
+    """Called with (function code, latency in s) for every answered request (metrics).
+    Runs on the link's event loop inside the request path: it must be quick; one that
+    raises is logged and removed, never allowed to fail the request."""
 
     def count_request(self, fc: int) -> None:
         """Note one request sent."""
@@ -211,6 +217,12 @@ class LinkStats:
         if hist is None:
             hist = self.latencies_s[fc] = deque(maxlen=LATENCY_HISTORY)
         hist.append(latency_s)
+        for hook in list(self.on_request):
+            try:
+                hook(fc, latency_s)
+            except Exception:  # an observer's fault never fails a PLC request
+                log.exception("link stats observer failed; removed")
+                self.on_request.remove(hook)
 
 
 class _RequestError(Exception):

@@ -1,0 +1,1034 @@
+"""The command-line client of a running line: status, alarms, commands, a live view.
+
+`linectl status`, `reel start|stop`, `alarms [ack KIND]`, `reset`, `recipe select` and
+`watch` (docs/cli.md) talk to `linectl run` only through the MQTT broker, never to the
+PLCs or the record store. Topics, payloads and commands come from linectl.telemetry and
+linectl.commands, the same definitions the daemon's bridge (linectl.mqtt) uses, so the
+two sides cannot disagree: a command is checked here by the daemon's own parser before
+it is sent, and every payload read is checked against the schema id it should carry.
+
+Two halves:
+- pure: settings, command payloads, answers, `LineView` (what the retained and live
+  topics say about the line) and its renderings; time is an argument.
+- `LineClient`, a thin aiomqtt shell (one connection, MQTT 5 when the broker speaks it,
+  else 3.1.1), and the `read_line`, `send_command` and `watch` coroutines the CLI runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import json
+import math
+import secrets
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from linectl.commands import CommandError, CommandName, CommandResult, parse_command
+from linectl.config import LoadedConfig
+from linectl.errors import LocalError, RemoteError
+from linectl.telemetry import LIVE_UNITS, LIVE_VALUES, SCHEMAS, TOPIC_SPECS, Topics, encode
+
+DEFAULT_TIMEOUT_S: Final = 5.0
+"""How long a command waits for its answer. The daemon answers within 2 s even when its
+control cycle does not take the command ("controller not running"), so 5 s leaves room
+for the broker round trip."""
+
+SETTLE_S: Final = 0.3
+"""After the required retained topics have arrived, how long to wait for the rest (live
+values): a broker sends retained messages in one burst right after the subscription."""
+
+
+class BrokerError(RemoteError):
+    """The MQTT broker cannot be reached, or refused the connection or a subscription."""
+
+
+class NoAnswerError(RemoteError, TimeoutError):
+    """The line did not answer (no daemon, or it is not connected to this broker)."""
+
+
+def unix_ms() -> int:
+    """Wall-clock time now, unix milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+# ---------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """Where the line's broker is and who we are on it."""
+
+    line_id: str
+    host: str
+    port: int
+    topic_prefix: str = "linectl"
+    sender: str = "cli"
+    """Our identity in command topics (`cmd/<command>/<sender>`); with the documented
+    broker ACL it must be our broker user name."""
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls: bool = False
+    tls_insecure: bool = False
+    keepalive_s: int = 15
+    mqtt_enabled: bool = True
+    """`[mqtt] enabled` in the configuration we read (only for hints in errors: the
+    daemon's own configuration decides whether it uses MQTT)."""
+
+    @property
+    def broker(self) -> str:
+        """`host:port`, for messages."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def topics(self) -> Topics:
+        """The line's topics."""
+        return Topics.for_line(self.topic_prefix, self.line_id)
+
+
+def parse_broker(text: str, default_port: int) -> tuple[str, int]:
+    """`HOST`, `HOST:PORT` or `[IPv6]:PORT` -> (host, port); LocalError naming the fault."""
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise LocalError(f"--broker {text!r}: missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise LocalError(f"--broker {text!r}: expected ':PORT' after ']'")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" in text:
+        raise LocalError(f"--broker {text!r}: write an IPv6 address as [ADDRESS]:PORT")
+    if not host:
+        raise LocalError(f"--broker {text!r}: no host name")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise LocalError(f"--broker {text!r}: port {port_text!r} is not a number in 1..65535")
+    return host, int(port_text)
+
+
+def check_sender(sender: str) -> str:
+    """`sender` if the daemon would take it as a command sender; CommandError otherwise.
+
+    Checked by the daemon's own parser, so the rule has one home (linectl.commands).
+    """
+    parse_command(b"{}", name=CommandName.STOP.value, sender=sender, source="cli")
+    return sender
+
+
+def client_settings(
+    loaded: LoadedConfig,
+    *,
+    broker: str | None = None,
+    sender: str | None = None,
+    login: Callable[[], str] = getpass.getuser,
+) -> ClientSettings:
+    """Settings from the line's configuration ([mqtt]: host, port, TLS, credentials,
+    topic prefix), `broker` (HOST[:PORT]) and `sender` overriding.
+
+    The sender defaults to the broker user name (under the documented ACL a client may
+    send commands only under its own name), else the login name.
+    """
+    mq = loaded.line.mqtt
+    host, port = (mq.host, mq.port) if broker is None else parse_broker(broker, mq.port)
+    if sender is None:
+        try:
+            sender = mq.username or login()
+        except (KeyError, OSError):  # no login name (a container without a passwd entry)
+            raise LocalError("no sender identity: give --sender ID") from None
+    tls = mq.tls
+
+    def path(p: str | None) -> Path | None:
+        return None if p is None else loaded.resolve(p)
+
+    return ClientSettings(
+        line_id=loaded.line.line_id,
+        host=host,
+        port=port,
+        topic_prefix=mq.topic_prefix,
+        sender=check_sender(sender),
+        username=mq.username,
+        password=mq.password,
+        tls=tls is not None,
+        ca_file=path(tls.ca_file) if tls else None,
+        cert_file=path(tls.cert_file) if tls else None,
+        key_file=path(tls.key_file) if tls else None,
+        tls_insecure=tls.insecure if tls else False,
+        keepalive_s=mq.keepalive_s,
+        mqtt_enabled=mq.enabled,
+    )
+
+
+# ---------------------------------------------------------------------- commands and answers
+
+
+def new_request_id() -> str:
+    """A request id no other request of ours uses (the daemon answers a repeated id with
+    the first answer, as a retry)."""
+    return f"cli-{secrets.token_hex(8)}"
+
+
+def command_payload(
+    name: CommandName, args: Mapping[str, Any], *, sender: str, request_id: str
+) -> bytes:
+    """The JSON payload of a command, checked by the daemon's parser before it is sent.
+
+    Bad input raises CommandError (a LocalError) naming what is wrong; nothing is sent.
+    Arguments that are None are left out.
+    """
+    obj = {k: v for k, v in args.items() if v is not None}
+    for key, value in obj.items():
+        # JSON has no NaN or infinity: named here, as the daemon cannot be asked.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CommandError(f"{name.value}: {key} must be finite, not {value}")
+    obj["request_id"] = request_id
+    payload = encode(obj)
+    parse_command(payload, name=name.value, sender=sender, source="cli")
+    return payload
+
+
+def read_answer(obj: Mapping[str, Any]) -> CommandResult:
+    """A `response` payload as the daemon's CommandResult; LocalError if it is not one."""
+    _check_schema(obj, "response")
+    result = obj.get("result")
+    if result not in ("ACK", "NAK") or obj.get("ack") is not (result == "ACK"):
+        raise LocalError(f"answer has result {result!r} and ack {obj.get('ack')!r}")
+    detail = obj.get("detail")
+    return CommandResult(
+        ack=result == "ACK",
+        reason=str(obj.get("reason", "")),
+        command=str(obj.get("command", "")),
+        request_id=str(obj.get("request_id", "")),
+        state=str(obj.get("state", "")),
+        detail=detail if isinstance(detail, dict) else {},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The line's answer to a command: as the daemon's CommandResult, and as sent."""
+
+    result: CommandResult
+    payload: dict[str, Any]
+
+
+def describe_answer(line_id: str, result: CommandResult) -> str:
+    """One line for the operator: what the line said to the command."""
+    state = f" (line {result.state})" if result.state else ""
+    if result.ack:
+        text = f"{line_id}: ACK {result.command}{state}"
+    else:
+        text = f"{line_id}: NAK {result.command}: {result.reason}{state}"
+    extra = ", ".join(
+        f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in result.detail.items()
+    )
+    return f"{text}; {extra}" if extra else text
+
+
+# ---------------------------------------------------------------------- topics and payloads
+
+_SPECS: Final = tuple((spec, spec.pattern.split("/")) for spec in TOPIC_SPECS)
+
+
+def classify(topics: Topics, topic: str) -> tuple[str, str]:
+    """(schema name, variable part) of one of the line's topics, from the protocol's own
+    topic table (telemetry.TOPIC_SPECS): ("live", "speed_m_min"), ("state", "").
+    ("", "") for a topic that is not the line's."""
+    head = topics.base + "/"
+    if not topic.startswith(head):
+        return "", ""
+    parts = topic[len(head) :].split("/")
+    for spec, pattern in _SPECS:
+        if len(pattern) == len(parts) and all(
+            p == q or (p.startswith("<") and q) for p, q in zip(pattern, parts, strict=True)
+        ):
+            var = [q for p, q in zip(pattern, parts, strict=True) if p.startswith("<")]
+            return spec.schema, "/".join(var)
+    return "", ""
+
+
+def _check_schema(obj: Mapping[str, Any], schema: str) -> None:
+    want = SCHEMAS[schema]["$id"]
+    got = obj.get("schema")
+    if got != want:
+        raise LocalError(f"payload has schema {got!r}, this client reads {want!r}")
+
+
+def decode(payload: object) -> dict[str, Any] | None:
+    """A JSON object payload, or None (empty, not JSON, not an object)."""
+    if isinstance(payload, bytes | bytearray):
+        try:
+            obj = json.loads(bytes(payload))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return obj if isinstance(obj, dict) else None
+    if isinstance(payload, str):
+        return decode(payload.encode())
+    return None
+
+
+def clock_text(t_ms: object, *, ms: bool = False) -> str:
+    """Local time of day of a unix ms time (with the date when it is not today); '?'
+    for none."""
+    if isinstance(t_ms, bool) or not isinstance(t_ms, int | float):
+        return "?"
+    dt = datetime.fromtimestamp(t_ms / 1000.0).astimezone()
+    text = dt.strftime("%H:%M:%S.%f")[:-3] if ms else dt.strftime("%H:%M:%S")
+    # A state entered yesterday must not read as this morning.
+    return text if dt.date() == datetime.now().astimezone().date() else f"{dt:%Y-%m-%d} {text}"
+
+
+_LIVE_FORMAT: Final[dict[str, str]] = {
+    "beam_current_ma": ".1f",
+    "beam_current_sp_ma": ".1f",
+    "energy_mev": ".3f",
+    "scan_width_cm": ".1f",
+    "vacuum_pa": ".2e",
+    "speed_m_min": ".1f",
+    "speed_sp_m_min": ".1f",
+    "tension_n": ".0f",
+    "length_counter_m": ".1f",
+    "reel_position_m": ".1f",
+}
+
+
+def live_text(name: str, obj: Mapping[str, Any] | None, *, unit: bool = True) -> str:
+    """A live value for people: `80.0 m/min`, `n/a`, `79.2 m/min [stale]`."""
+    if obj is None:
+        return "-"
+    value = obj.get("value")
+    if isinstance(value, bool):
+        text = "on" if value else "off"
+    elif isinstance(value, int | float) and math.isfinite(value):
+        text = format(value, _LIVE_FORMAT.get(name, ".4g"))
+        u = LIVE_UNITS.get(name, str(obj.get("unit", "")))
+        if unit and u:
+            text += f" {u}"
+    else:
+        text = "n/a"
+    quality = obj.get("quality", "good")
+    return text if quality == "good" else f"{text} [{quality}]"
+
+
+# ---------------------------------------------------------------------- what the line says
+
+
+@dataclass
+class ReelProgress:
+    """Completed metres of one reel seen on `records/metres`."""
+
+    reel_id: str
+    metres: int = 0
+    by_verdict: dict[str, int] = field(default_factory=dict)
+    last_index: int | None = None
+    last_dose_kgy: float | None = None
+    last_verdict: str = ""
+
+
+@dataclass
+class LineView:
+    """The line as its retained and live topics describe it; fed one message at a time.
+
+    `apply` returns one line of text per change (what `watch` prints when its output is
+    not a terminal); the `*_lines` methods render the whole picture.
+    """
+
+    topics: Topics
+    status: dict[str, Any] | None = None
+    state: dict[str, Any] | None = None
+    alarms: dict[str, Any] | None = None
+    live: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reels: dict[str, ReelProgress] = field(default_factory=dict)
+    events: deque[str] = field(default_factory=lambda: deque(maxlen=6))
+    """The latest record events (reel, alarm, unproven metres), newest last."""
+    problems: list[str] = field(default_factory=list)
+    _seen_seq: deque[int] = field(default_factory=lambda: deque(maxlen=2000))
+
+    @property
+    def seen(self) -> set[str]:
+        """The retained topics (schema names) that have arrived."""
+        have = {"status": self.status, "state": self.state, "alarms_active": self.alarms}
+        return {k for k, v in have.items() if v is not None}
+
+    def apply(self, topic: str, payload: object) -> list[str]:
+        """Take one message; the changes it makes, as lines of text."""
+        kind, var = classify(self.topics, topic)
+        if kind in ("", "command", "response"):
+            return []
+        obj = decode(payload)
+        if obj is None:
+            if payload in (b"", "", None):  # a cleared retained topic
+                return []
+            return [self._problem(f"{topic}: payload is not a JSON object")]
+        try:
+            _check_schema(obj, kind)
+        except LocalError as exc:
+            return [self._problem(f"{topic}: {exc}")]
+        if kind in ("metres", "reel", "alarm", "audit"):
+            seq = obj.get("seq")
+            if isinstance(seq, int):
+                # Records are delivered at least once: a seq seen before is a repeat.
+                if seq in self._seen_seq:
+                    return []
+                self._seen_seq.append(seq)
+        return self._take(kind, var, obj)
+
+    def _problem(self, text: str) -> str:
+        if text not in self.problems:
+            self.problems.append(text)
+        return f"warning: {text}"
+
+    def _take(self, kind: str, var: str, obj: dict[str, Any]) -> list[str]:
+        at = clock_text(obj.get("t_ms"), ms=True)
+        if kind == "status":
+            self.status = obj
+            return [f"{at} status {status_text(obj)}"]
+        if kind == "state":
+            self.state = obj
+            return [f"{at} state {state_text(obj)}"]
+        if kind == "alarms_active":
+            self.alarms = obj
+            return [f"{at} alarms {alarms_text(obj)}"]
+        if kind == "live":
+            self.live[var] = obj
+            return [f"{at} live {var} {live_text(var, obj)}"]
+        if kind == "metres":
+            return [f"{at} {self._metres(obj)}"]
+        if kind == "reel":
+            text = reel_event_text(obj)
+            self.events.append(f"{clock_text(obj.get('t_ms'))} {text}")
+            return [f"{at} {text}"]
+        if kind == "alarm":
+            text = alarm_event_text(obj)
+            self.events.append(f"{clock_text(obj.get('t_ms'))} {text}")
+            return [f"{at} {text}"]
+        return []
+
+    def _metres(self, obj: Mapping[str, Any]) -> str:
+        reel_id = str(obj.get("reel_id", "?"))
+        reel = self.reels.setdefault(reel_id, ReelProgress(reel_id))
+        old = " (historical)" if obj.get("historical") else ""
+        if obj.get("event") == "unproven":
+            first, last = obj.get("first_index"), obj.get("last_index")
+            n = last - first + 1 if isinstance(first, int) and isinstance(last, int) else 0
+            reel.metres += n
+            reel.by_verdict["unproven"] = reel.by_verdict.get("unproven", 0) + n
+            text = f"metres {reel_id} #{first}..#{last} unproven: {obj.get('cause', '')}{old}"
+            self.events.append(f"{clock_text(obj.get('t_ms'))} {text}")
+            return text
+        batch: dict[str, int] = {}
+        indexes: list[int] = []
+        for m in obj.get("metres") or []:
+            if not isinstance(m, dict):
+                continue
+            verdict = str(m.get("verdict", "?"))
+            batch[verdict] = batch.get(verdict, 0) + 1
+            reel.by_verdict[verdict] = reel.by_verdict.get(verdict, 0) + 1
+            reel.metres += 1
+            if isinstance(m.get("index"), int):
+                indexes.append(m["index"])
+                reel.last_index = m["index"]
+            dose = m.get("dose_kgy")
+            reel.last_dose_kgy = float(dose) if isinstance(dose, int | float) else None
+            reel.last_verdict = verdict
+        span = f"#{min(indexes)}..#{max(indexes)}" if indexes else "(none)"
+        counts = ", ".join(f"{n} {v}" for v, n in sorted(batch.items()))
+        return f"metres {reel_id} {span}: {counts or 'empty batch'}{old}"
+
+    # ------------------------------------------------------------------ renderings
+
+    def header(self, settings: ClientSettings) -> str:
+        """`line1 @ broker: online since ...` (or why not)."""
+        return f"{settings.line_id} @ {settings.broker}: " + (
+            "no status (no linectl has published this line here)"
+            if self.status is None
+            else status_text(self.status)
+        )
+
+    @property
+    def online(self) -> bool:
+        """Whether the retained status says the daemon is connected now."""
+        return self.status is not None and self.status.get("status") == "online"
+
+    def status_lines(self, settings: ClientSettings) -> list[str]:
+        """The `status` command's text."""
+        out = [self.header(settings)]
+        if self.status is not None and not self.online:
+            out.append("(the line's daemon is not connected: what follows is its last word)")
+        st = self.state
+        if st is None:
+            out.append("state     unknown (no retained state)")
+        else:
+            out.append(f"state     {state_text(st)}")
+            if st.get("not_ready_reason") and st.get("state") in ("idle", "ready", "fault"):
+                out.append(f"not ready {st['not_ready_reason']}")
+            out.append(f"reel      {self.reel_text()}")
+            recipe = st.get("recipe") or {}
+            out.append(f"recipe    {recipe.get('product', '?')}, version {recipe.get('version')}")
+        out.append(f"alarms    {'unknown' if self.alarms is None else alarms_text(self.alarms)}")
+        out.extend(self.live_lines())
+        out.extend(f"warning   {p}" for p in self.problems)
+        return out
+
+    def reel_text(self) -> str:
+        """The reel the state names, with its position from the live values."""
+        reel = (self.state or {}).get("reel")
+        if not isinstance(reel, dict):
+            return "none"
+        planned = reel.get("planned_length_m")
+        text = str(reel.get("reel_id", "?"))
+        if isinstance(planned, int | float):
+            text += f", {planned:g} m planned"
+        pos = self.live.get("reel_position_m", {}).get("value")
+        if isinstance(pos, int | float) and not isinstance(pos, bool):
+            text += f", at {pos:.1f} m"
+            if isinstance(planned, int | float) and planned > 0:
+                text += f" ({100.0 * pos / planned:.0f} %)"
+        if not reel.get("started"):
+            text += " (not started)"
+        return text
+
+    def live_lines(self) -> list[str]:
+        """Live values, two lines (accelerator, conveyor); none if none arrived."""
+        if not self.live:
+            return []
+        lv = self.live.get
+
+        def sp(name: str, setpoint: str) -> str:
+            text = live_text(name, lv(name))
+            if lv(setpoint) is not None:
+                text += f" (set-point {live_text(setpoint, lv(setpoint), unit=False)})"
+            return text
+
+        return [
+            f"beam      current {sp('beam_current_ma', 'beam_current_sp_ma')}, "
+            f"energy {live_text('energy_mev', lv('energy_mev'))}, "
+            f"scan {live_text('scan_width_cm', lv('scan_width_cm'))}, "
+            f"vacuum {live_text('vacuum_pa', lv('vacuum_pa'))}",
+            f"line      speed {sp('speed_m_min', 'speed_sp_m_min')}, "
+            f"tension {live_text('tension_n', lv('tension_n'))}, "
+            f"counter {live_text('length_counter_m', lv('length_counter_m'))}",
+        ]
+
+    def alarm_lines(self, settings: ClientSettings) -> list[str]:
+        """The `alarms` command's text."""
+        out = [self.header(settings)]
+        if self.status is not None and not self.online:
+            out.append("(the line's daemon is not connected: these are the last it reported)")
+        alarms = (self.alarms or {}).get("alarms")
+        if not isinstance(alarms, list):
+            out.append("active alarms unknown (no retained alarms/active)")
+            return out
+        if not alarms:
+            out.append("no active alarms")
+            return out
+        out.append(f"{len(alarms)} active alarm{'s' if len(alarms) != 1 else ''}:")
+        width = max(len(str(a.get("kind", ""))) for a in alarms if isinstance(a, dict))
+        for a in alarms:
+            if isinstance(a, dict):
+                latched = "latched" if a.get("latched") else "       "
+                out.append(
+                    f"  {a.get('kind', '?')!s:<{width}}  {latched}  since "
+                    f"{clock_text(a.get('t_ms'))}  {a.get('message', '')}"
+                )
+        out.append("acknowledge with: linectl alarms ack KIND (or 'all'); then linectl reset")
+        return out
+
+    def screen_lines(self, settings: ClientSettings, now_ms: int, note: str = "") -> list[str]:
+        """The `watch` screen."""
+        out = [
+            f"linectl watch  {settings.line_id} @ {settings.broker}  {clock_text(now_ms)}"
+            "  (Ctrl-C to quit)",
+            self.header(settings),
+        ]
+        if note:
+            out.append(f"!! {note}")
+        out.extend(self.status_lines(settings)[1:])
+        if self.reels:
+            reel = list(self.reels.values())[-1]
+            counts = ", ".join(f"{n} {v}" for v, n in sorted(reel.by_verdict.items()))
+            last = ""
+            if reel.last_index is not None:
+                dose = "n/a" if reel.last_dose_kgy is None else f"{reel.last_dose_kgy:.1f} kGy"
+                last = f"; last #{reel.last_index} {dose} {reel.last_verdict}"
+            out.append(f"metres    {reel.reel_id}: {reel.metres} seen ({counts}){last}")
+        if self.events:
+            out.append("events")
+            out.extend(f"  {e}" for e in self.events)
+        return out
+
+
+def status_text(obj: Mapping[str, Any]) -> str:
+    """`online since 12:00:00` or `OFFLINE (last session from 11:00:00)`."""
+    if obj.get("status") == "online":
+        return f"online since {clock_text(obj.get('t_ms'))}"
+    since = obj.get("session_ms", obj.get("t_ms"))
+    return f"OFFLINE (its last session began {clock_text(since)})"
+
+
+def state_text(obj: Mapping[str, Any]) -> str:
+    """`RUNNING since 12:00:05: beam on at dose-follow current`."""
+    text = f"{str(obj.get('state', '?')).upper()} since {clock_text(obj.get('t_ms'))}"
+    if obj.get("cause"):
+        text += f": {obj['cause']}"
+    if obj.get("quality", "good") != "good":
+        text += f" [{obj['quality']}]"
+    return text
+
+
+def alarms_text(obj: Mapping[str, Any]) -> str:
+    """`none` or `vacuum (latched): accelerator vacuum fault; ...`."""
+    alarms = obj.get("alarms")
+    if not isinstance(alarms, list) or not alarms:
+        return "none"
+    return "; ".join(
+        f"{a.get('kind', '?')}{' (latched)' if a.get('latched') else ''}: {a.get('message', '')}"
+        for a in alarms
+        if isinstance(a, dict)
+    )
+
+
+def reel_event_text(obj: Mapping[str, Any]) -> str:
+    """A `records/reel` start or end, one line."""
+    reel_id = obj.get("reel_id", "?")
+    if obj.get("event") == "start":
+        recipe = obj.get("recipe") or {}
+        return (
+            f"reel {reel_id} started by {obj.get('operator') or '?'}, "
+            f"{obj.get('planned_length_m', '?')} m planned, recipe "
+            f"{recipe.get('product', '?')} v{recipe.get('version', '?')}"
+        )
+    summary = obj.get("summary") or {}
+    counts = summary.get("by_verdict") or {}
+    verdicts = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()) if n)
+    text = f"reel {reel_id} ended ({obj.get('reason', '?')}): {summary.get('metres', '?')} metres"
+    return f"{text} ({verdicts})" if verdicts else text
+
+
+def alarm_event_text(obj: Mapping[str, Any]) -> str:
+    """A `records/alarm` event, one line."""
+    by = f" by {obj['by']}" if obj.get("by") else ""
+    return f"alarm {obj.get('kind', '?')} {obj.get('event', '?')}{by}: {obj.get('message', '')}"
+
+
+# ---------------------------------------------------------------------- the MQTT shell
+
+_UNSUPPORTED_PROTOCOL: Final = frozenset({1, 132})  # CONNACK: 3.1.1 code, MQTT 5 reason
+_BAD_CREDENTIALS: Final = frozenset({4, 5, 134, 135})
+
+
+def _code(rc: object) -> int | None:
+    value = getattr(rc, "value", rc)
+    return value if isinstance(value, int) else None
+
+
+class LineClient:
+    """One connection to the line's broker (an async context manager).
+
+    MQTT 5 when the broker speaks it (commands then carry a response topic and
+    correlation data), else 3.1.1 (answers on the fallback topic, matched by request id).
+    """
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        *,
+        connect_timeout_s: float = DEFAULT_TIMEOUT_S,
+        protocols: tuple[aiomqtt.ProtocolVersion, ...] = (
+            aiomqtt.ProtocolVersion.V5,
+            aiomqtt.ProtocolVersion.V311,
+        ),
+    ) -> None:
+        self.settings = settings
+        self.topics = settings.topics
+        self.connect_timeout_s = connect_timeout_s
+        self.protocols = protocols
+        self.protocol = protocols[0]
+        self._client: aiomqtt.Client | None = None
+        self.sent = False
+        """Whether a command has gone to the broker (it may act even if we stop waiting)."""
+
+    def _make(self, protocol: aiomqtt.ProtocolVersion) -> aiomqtt.Client:
+        s = self.settings
+        tls = None
+        if s.tls:
+            tls = aiomqtt.TLSParameters(
+                ca_certs=None if s.ca_file is None else str(s.ca_file),
+                certfile=None if s.cert_file is None else str(s.cert_file),
+                keyfile=None if s.key_file is None else str(s.key_file),
+            )
+        return aiomqtt.Client(
+            s.host,
+            s.port,
+            username=s.username,
+            password=s.password,
+            # Never the daemon's client id: the broker would drop the daemon's session.
+            identifier=f"linectl-cli-{s.sender}-{secrets.token_hex(4)}"[:64],
+            protocol=protocol,
+            keepalive=s.keepalive_s,
+            timeout=self.connect_timeout_s,
+            tls_params=tls,
+            tls_insecure=s.tls_insecure if s.tls else None,
+        )
+
+    async def __aenter__(self) -> LineClient:
+        where = f"MQTT broker {self.settings.broker} (line {self.settings.line_id})"
+        for i, protocol in enumerate(self.protocols):
+            client = self._make(protocol)
+            try:
+                await client.__aenter__()
+            except MqttConnectError as exc:
+                code = _code(exc.rc)
+                if code in _UNSUPPORTED_PROTOCOL and i + 1 < len(self.protocols):
+                    continue  # an MQTT 3.1.1 broker: try the next protocol
+                hint = ""
+                if code in _BAD_CREDENTIALS:
+                    hint = (
+                        " (user name and password come from [mqtt] in line.toml, or "
+                        "LINECTL_MQTT__USERNAME and LINECTL_MQTT__PASSWORD)"
+                    )
+                raise BrokerError(f"{where} refused the connection: {exc}{hint}") from None
+            except aiomqtt.MqttError as exc:
+                raise BrokerError(f"cannot connect to {where}: {exc}") from None
+            self._client, self.protocol = client, protocol
+            return self
+        raise BrokerError(f"{where} speaks none of MQTT 5 and 3.1.1")  # pragma: no cover
+
+    async def __aexit__(self, *exc: object) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(None, None, None)
+
+    @property
+    def client(self) -> aiomqtt.Client:
+        """The connected aiomqtt client."""
+        if self._client is None:
+            raise RuntimeError("LineClient is not connected (use `async with`)")
+        return self._client
+
+    async def subscribe(self, *topics: str, required: bool = True) -> list[str]:
+        """Subscribe (QoS 1); the topics the broker took. A topic it refuses (its ACL)
+        raises BrokerError naming it when `required`, else is left out."""
+        took = []
+        for topic in topics:
+            granted = await self.client.subscribe(topic, qos=1, timeout=self.connect_timeout_s)
+            codes = [_code(g) for g in granted]
+            if all(c is not None and c < 128 for c in codes):
+                took.append(topic)
+            elif required:
+                raise BrokerError(
+                    f"MQTT broker {self.settings.broker} refused the subscription to {topic} "
+                    f"for {self.settings.username or 'an anonymous client'}: its ACL must let "
+                    "this user read the line's topics (docs/cli.md)"
+                )
+        return took
+
+    async def read(self, need: Iterable[str], timeout_s: float) -> LineView:
+        """The line's retained topics (status, state, alarms/active, live values).
+
+        Returns once every schema in `need` has arrived and the burst of live values has
+        had SETTLE_S to follow, or after `timeout_s` with whatever did arrive.
+        """
+        t = self.topics
+        view = LineView(t)
+        need = set(need)
+        await self.subscribe(t.status, t.state, t.alarms_active, t.live("+"))
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s) as cm:
+                settling = False
+                async for m in self.client.messages:
+                    view.apply(m.topic.value, m.payload)
+                    if len(view.live) >= len(LIVE_VALUES) and need <= view.seen:
+                        break
+                    if not settling and need <= view.seen:
+                        settling = True
+                        cm.reschedule(min(cm.when() or math.inf, loop.time() + SETTLE_S))
+        return view
+
+    async def request(
+        self, name: CommandName, payload: bytes, request_id: str, timeout_s: float
+    ) -> Answer:
+        """Send a command (already checked by `command_payload`) and wait for its answer.
+
+        NoAnswerError (naming the broker, the line and what its status says) when no
+        answer comes within `timeout_s`.
+        """
+        t, s = self.topics, self.settings
+        response_topic = t.response(s.sender)
+        view = LineView(t)
+        # Subscribed before publishing: an answer can never come before we listen. The
+        # status only explains a missing answer, so an ACL may keep it from us.
+        await self.subscribe(response_topic)
+        status_readable = bool(await self.subscribe(t.status, required=False))
+        props: Properties | None = None
+        correlation = request_id.encode()
+        if self.protocol is aiomqtt.ProtocolVersion.V5:
+            # The fallback topic as the response topic too: the documented ACL
+            # (`pattern read linectl/+/response/%u`) then covers both protocols.
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = response_topic
+            props.CorrelationData = correlation
+        cmd_topic = t.cmd(name.value, s.sender)
+        await self.client.publish(cmd_topic, payload, qos=1, retain=False, properties=props)
+        self.sent = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                async for m in self.client.messages:
+                    if m.topic.value != response_topic:
+                        view.apply(m.topic.value, m.payload)
+                        continue
+                    obj = decode(m.payload)
+                    if obj is None or obj.get("request_id") != request_id:
+                        continue  # another request's answer (same sender, another shell)
+                    theirs = getattr(m.properties, "CorrelationData", None)
+                    if theirs is not None and bytes(theirs) != correlation:
+                        continue
+                    return Answer(read_answer(obj), obj)
+        if not status_readable:
+            view.problems.append(f"the broker does not let us read {t.status}")
+        raise NoAnswerError(no_answer_text(s, view, cmd_topic, timeout_s))
+
+
+def status_hint(settings: ClientSettings, view: LineView) -> str:
+    """What the line's retained status says about why it did not answer or is not there."""
+    s = settings
+    if view.problems:
+        text = "; ".join(view.problems) + ", so whether the line is there is unknown"
+    elif view.status is None:
+        text = (
+            f"no linectl has published {view.topics.status} on this broker, or its ACL "
+            f"does not let {s.username or 'an anonymous client'} read it; check the broker, "
+            "the line id and topic_prefix, and that `linectl run` runs with "
+            "[mqtt] enabled = true"
+        )
+    elif not view.online:
+        text = f"the line is {status_text(view.status)}; is `linectl run` running?"
+    else:
+        text = (
+            "the line reports online but did not answer (the broker's ACL may not let "
+            f"sender {s.sender!r} publish there or read {view.topics.response(s.sender)}); "
+            "the command may still be carried out: check `linectl status`"
+        )
+    if not s.mqtt_enabled:
+        text += "; note: [mqtt] enabled = false in this configuration"
+    return text
+
+
+def no_answer_text(settings: ClientSettings, view: LineView, topic: str, timeout_s: float) -> str:
+    """Why a command got no answer, as far as the line's retained status tells."""
+    s = settings
+    return (
+        f"no answer from line {s.line_id} within {timeout_s:g} s (broker {s.broker}, "
+        f"{topic}): {status_hint(s, view)}"
+    )
+
+
+def not_online_text(settings: ClientSettings, view: LineView, timeout_s: float) -> str:
+    """Why `status`/`alarms` found no line online (empty when it is online)."""
+    s = settings
+    if view.online:
+        return ""
+    if view.status is None:
+        return (
+            f"no status of line {s.line_id} at broker {s.broker} within {timeout_s:g} s: "
+            + status_hint(s, view)
+        )
+    return f"line {s.line_id} at broker {s.broker}: " + status_hint(s, view)
+
+
+# ---------------------------------------------------------------------- what the CLI runs
+
+
+async def read_line(
+    settings: ClientSettings, need: Iterable[str], timeout_s: float = DEFAULT_TIMEOUT_S
+) -> LineView:
+    """Connect, read the retained topics, disconnect."""
+    try:
+        async with LineClient(settings, connect_timeout_s=timeout_s) as c:
+            return await c.read(need, timeout_s)
+    except aiomqtt.MqttError as exc:
+        raise BrokerError(f"lost MQTT broker {settings.broker}: {exc}") from None
+
+
+async def send_command(
+    client: LineClient, name: CommandName, payload: bytes, request_id: str, timeout_s: float
+) -> Answer:
+    """Send one command on a new connection of `client` and wait for its answer."""
+    try:
+        async with client:
+            return await client.request(name, payload, request_id, timeout_s)
+    except aiomqtt.MqttError as exc:
+        s = client.settings
+        after = (
+            f" after {name.value} was sent (it may still be carried out: check `linectl status`)"
+            if client.sent
+            else f"; {name.value} was not sent"
+        )
+        raise BrokerError(f"lost MQTT broker {s.broker} (line {s.line_id}){after}: {exc}") from None
+
+
+class _Screen:
+    """`watch` on a terminal: the whole screen redrawn in place, at most 10 times a second."""
+
+    MIN_INTERVAL_S = 0.1
+
+    def __init__(self, out: TextIO, clock: Callable[[], float]) -> None:
+        self.out = out
+        self.clock = clock
+        self.drawn_s = -math.inf
+        self.dirty = True
+
+    def start(self) -> None:
+        self.out.write("\x1b[?25l\x1b[H\x1b[2J")  # hide the cursor, clear
+        self.out.flush()
+
+    def draw(self, lines: list[str]) -> None:
+        width = max(20, shutil.get_terminal_size().columns)
+        # Home, overwrite each line and clear its rest, clear below: no flicker.
+        body = "".join(f"{line[:width]}\x1b[K\n" for line in lines)
+        self.out.write(f"\x1b[H{body}\x1b[J")
+        self.out.flush()
+        self.drawn_s = self.clock()
+        self.dirty = False
+
+    def close(self) -> None:
+        self.out.write("\x1b[?25h")  # the cursor back
+        self.out.flush()
+
+
+async def watch(
+    settings: ClientSettings,
+    out: TextIO,
+    *,
+    screen: bool,
+    duration_s: float | None = None,
+    connect_timeout_s: float = DEFAULT_TIMEOUT_S,
+    clock: Callable[[], float] = time.monotonic,
+    wall_ms: Callable[[], int] = unix_ms,
+    backoff_max_s: float = 5.0,
+) -> None:
+    """Follow the line until cancelled (Ctrl-C) or `duration_s` has passed.
+
+    `screen`: redraw a compact screen in place (a terminal); else print one line per
+    update (a pipe, a log). The first connection must succeed (BrokerError otherwise);
+    after that a lost broker is shown and reconnected to, with backoff.
+    """
+    view = LineView(settings.topics)
+    t = settings.topics
+    topics: tuple[str, ...] = (t.status, t.state, t.alarms_active, t.live("+"))
+    topics += (t.record("metres"), t.record("reel"), t.record("alarm"))
+    scr = _Screen(out, clock) if screen else None
+    note = ""
+
+    def emit(lines: list[str]) -> None:
+        if scr is None:
+            for line in lines:
+                out.write(line + "\n")
+            out.flush()
+        elif lines or note:
+            scr.dirty = True
+
+    async def ticker() -> None:
+        # Redraws what changed (at most every MIN_INTERVAL_S), and the clock each second.
+        assert scr is not None
+        while True:
+            await asyncio.sleep(scr.MIN_INTERVAL_S)
+            if scr.dirty or clock() - scr.drawn_s >= 1.0:
+                scr.draw(view.screen_lines(settings, wall_ms(), note))
+
+    async def follow() -> None:
+        nonlocal note
+        connected_once = False
+        backoff_s = 0.2
+        while True:
+            try:
+                async with LineClient(settings, connect_timeout_s=connect_timeout_s) as c:
+                    await c.subscribe(*topics)
+                    connected_once, backoff_s = True, 0.2
+                    if note:
+                        note = ""
+                        emit([f"{clock_text(wall_ms(), ms=True)} broker {settings.broker} back"])
+                    async for m in c.client.messages:
+                        emit(view.apply(m.topic.value, m.payload))
+            except (aiomqtt.MqttError, BrokerError) as exc:
+                if not connected_once:
+                    if isinstance(exc, BrokerError):
+                        raise
+                    raise BrokerError(f"lost MQTT broker {settings.broker}: {exc}") from None
+                note = f"broker {settings.broker} lost ({exc}); reconnecting"
+                emit([f"{clock_text(wall_ms(), ms=True)} {note}"])
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, backoff_max_s)
+
+    async def run() -> None:
+        if scr is None:
+            await follow()
+            return
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(follow(), name="watch-follow")
+            tg.create_task(ticker(), name="watch-screen")
+
+    if scr is not None:
+        scr.start()
+    deadline = asyncio.timeout(duration_s)
+    try:
+        async with deadline:
+            await run()
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        # --duration: the normal end.
+    except BaseExceptionGroup as group:  # the screen's task group: its one real error
+        raise group.exceptions[0] from None
+    finally:
+        if scr is not None:
+            scr.draw(view.screen_lines(settings, wall_ms(), note))
+            scr.close()
+
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "Answer",
+    "BrokerError",
+    "ClientSettings",
+    "LineClient",
+    "LineView",
+    "NoAnswerError",
+    "check_sender",
+    "classify",
+    "client_settings",
+    "command_payload",
+    "describe_answer",
+    "new_request_id",
+    "no_answer_text",
+    "not_online_text",
+    "parse_broker",
+    "read_answer",
+    "read_line",
+    "send_command",
+    "status_hint",
+    "watch",
+]

@@ -1,0 +1,578 @@
+"""MQTT telemetry, pure: topic names, payloads, their JSON Schema, report by exception.
+
+No I/O and no clock: every time is an argument (unix milliseconds for payloads,
+seconds of any monotonic clock for the report-by-exception filter). The adapter in
+linectl.mqtt publishes what this module builds; docs/mqtt.md is the reader's version of
+the same protocol, and `SCHEMAS` is its machine-readable one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+from linectl.quality import Quality
+
+SCHEMA_VERSION: Final = 1
+
+# ---------------------------------------------------------------------- live values
+
+
+@dataclass(frozen=True, slots=True)
+class LiveValue:
+    """One live value with its quality and the unix time (ms) it was measured at."""
+
+    name: str
+    value: float | int | bool | None
+    quality: Quality
+    t_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LiveSpec:
+    """What a live value is: unit and meaning (published in the schema and docs)."""
+
+    name: str
+    unit: str
+    description: str
+
+
+LIVE_VALUES: Final[tuple[LiveSpec, ...]] = (
+    LiveSpec("beam_current_ma", "mA", "measured beam current (accelerator)"),
+    LiveSpec("energy_mev", "MeV", "measured beam energy (accelerator)"),
+    LiveSpec("scan_width_cm", "cm", "measured scan width (accelerator)"),
+    LiveSpec("vacuum_pa", "Pa", "accelerator vacuum"),
+    LiveSpec("speed_m_min", "m/min", "measured line speed (conveyor)"),
+    LiveSpec("tension_n", "N", "cable tension (conveyor)"),
+    LiveSpec("length_counter_m", "m", "conveyor length counter"),
+    LiveSpec("reel_position_m", "m", "reel coordinate at the length counter (null: no reel)"),
+    LiveSpec("beam_current_sp_ma", "mA", "dose-follow beam current set-point"),
+    LiveSpec("speed_sp_m_min", "m/min", "line speed set-point"),
+)
+"""Every live value the line publishes, in publishing order."""
+
+LIVE_UNITS: Final[dict[str, str]] = {s.name: s.unit for s in LIVE_VALUES}
+
+
+# ---------------------------------------------------------------------- topics
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """How one topic (pattern) is published."""
+
+    pattern: str  # relative to <prefix>/<line_id>
+    qos: int
+    retain: bool
+    schema: str
+    description: str
+
+
+RECORD_KINDS: Final = ("metres", "reel", "alarm", "audit")
+"""Record kinds the store's outbox holds; each has its topic `records/<kind>`."""
+
+TOPIC_SPECS: Final[tuple[TopicSpec, ...]] = (
+    TopicSpec("status", 1, True, "status", "online/offline; the will sets offline"),
+    TopicSpec("schema", 1, True, "", "the JSON Schema of every payload (this table's)"),
+    TopicSpec("state", 1, True, "state", "line state, reel, recipe, active alarm kinds"),
+    TopicSpec("alarms/active", 1, True, "alarms_active", "alarms active now"),
+    TopicSpec("live/<name>", 0, True, "live", "one live value, report by exception"),
+    TopicSpec("records/metres", 1, False, "metres", "completed metres (batches)"),
+    TopicSpec("records/reel", 1, False, "reel", "reel start and end with its summary"),
+    TopicSpec("records/alarm", 1, False, "alarm", "alarm raised, acknowledged, cleared"),
+    TopicSpec("records/audit", 1, False, "audit", "every command and operator action"),
+    TopicSpec("cmd/<command>/<sender>", 1, False, "command", "commands to the line"),
+    TopicSpec("response/<sender>", 1, False, "response", "answers (no MQTT 5 response topic)"),
+)
+
+
+def topic_base(prefix: str, line_id: str) -> str:
+    """`<prefix>/<line_id>`: every topic of a line is below it."""
+    return f"{prefix.strip('/')}/{line_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The topic names of one line."""
+
+    base: str
+
+    @classmethod
+    def for_line(cls, prefix: str, line_id: str) -> Topics:
+        """Topics under `<prefix>/<line_id>`."""
+        return cls(topic_base(prefix, line_id))
+
+    @property
+    def status(self) -> str:
+        """Retained online/offline; the will."""
+        return f"{self.base}/status"
+
+    @property
+    def schema(self) -> str:
+        """Retained JSON Schema document."""
+        return f"{self.base}/schema"
+
+    @property
+    def state(self) -> str:
+        """Retained line state."""
+        return f"{self.base}/state"
+
+    @property
+    def alarms_active(self) -> str:
+        """Retained list of active alarms."""
+        return f"{self.base}/alarms/active"
+
+    def live(self, name: str) -> str:
+        """One live value."""
+        return f"{self.base}/live/{name}"
+
+    def record(self, kind: str) -> str:
+        """Records of one kind (metres, reel, alarm, audit)."""
+        if kind not in RECORD_KINDS:
+            raise ValueError(f"unknown record kind {kind!r}")
+        return f"{self.base}/records/{kind}"
+
+    def cmd(self, command: str, sender: str) -> str:
+        """Where `sender` publishes `command`."""
+        return f"{self.base}/cmd/{command}/{sender}"
+
+    @property
+    def cmd_filter(self) -> str:
+        """The subscription that receives every command."""
+        return f"{self.base}/cmd/+/+"
+
+    def response(self, sender: str) -> str:
+        """Fallback response topic for clients that give no MQTT 5 response topic."""
+        return f"{self.base}/response/{sender}"
+
+    def parse_cmd(self, topic: str) -> tuple[str, str] | None:
+        """(command, sender) of a command topic, None for any other topic."""
+        head = f"{self.base}/cmd/"
+        if not topic.startswith(head):
+            return None
+        parts = topic[len(head) :].split("/")
+        if len(parts) != 2 or not all(parts):
+            return None
+        return parts[0], parts[1]
+
+
+# ---------------------------------------------------------------------- payloads
+
+
+def iso_to_ms(text: str) -> int:
+    """Unix ms of an ISO 8601 time with an offset (the store's format)."""
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        raise ValueError(f"time {text!r} has no UTC offset")
+    return round(dt.timestamp() * 1000)
+
+
+def _json_value(value: float | int | bool | None) -> float | int | bool | None:
+    # JSON has no NaN: an unknown value is null (its quality says why).
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def encode(payload: Mapping[str, Any]) -> bytes:
+    """Compact JSON bytes; NaN is refused (payload builders turn it into null)."""
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+
+
+def live_payload(v: LiveValue) -> dict[str, Any]:
+    """`live/<name>` payload (schema `live`)."""
+    return {
+        "schema": "linectl.live/1",
+        "name": v.name,
+        "value": _json_value(v.value),
+        "unit": LIVE_UNITS.get(v.name, ""),
+        "quality": v.quality.value,
+        "t_ms": v.t_ms,
+    }
+
+
+def status_payload(online: bool, t_ms: int, *, session_ms: int) -> dict[str, Any]:
+    """`status` payload. The will is built at connect time: its t_ms is the session's
+    start, not the moment the broker publishes it."""
+    return {
+        "schema": "linectl.status/1",
+        "status": "online" if online else "offline",
+        "quality": Quality.GOOD.value,
+        "t_ms": t_ms,
+        "session_ms": session_ms,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class LineStatus:
+    """What `state` reports; built by the service from its controller."""
+
+    state: str
+    cause: str
+    t_ms: int
+    quality: Quality = Quality.GOOD
+    reel_id: str | None = None
+    reel_planned_length_m: float | None = None
+    reel_started: bool = False
+    recipe_product: str = ""
+    recipe_version: str = ""
+    alarms: tuple[str, ...] = ()
+    not_ready_reason: str = ""
+
+
+def state_payload(s: LineStatus) -> dict[str, Any]:
+    """`state` payload (schema `state`)."""
+    return {
+        "schema": "linectl.state/1",
+        "state": s.state,
+        "cause": s.cause,
+        "not_ready_reason": s.not_ready_reason,
+        "reel": None
+        if s.reel_id is None
+        else {
+            "reel_id": s.reel_id,
+            "planned_length_m": s.reel_planned_length_m,
+            "started": s.reel_started,
+        },
+        "recipe": {"product": s.recipe_product, "version": s.recipe_version},
+        "alarms": list(s.alarms),
+        "quality": s.quality.value,
+        "t_ms": s.t_ms,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveAlarm:
+    """An alarm the controller holds now."""
+
+    kind: str
+    message: str
+    latched: bool
+    t_ms: int
+
+
+def alarms_active_payload(alarms: Iterable[ActiveAlarm], t_ms: int) -> dict[str, Any]:
+    """`alarms/active` payload (schema `alarms_active`)."""
+    return {
+        "schema": "linectl.alarms_active/1",
+        "alarms": [
+            {"kind": a.kind, "message": a.message, "latched": a.latched, "t_ms": a.t_ms}
+            for a in alarms
+        ],
+        "quality": Quality.GOOD.value,
+        "t_ms": t_ms,
+    }
+
+
+def record_payload(
+    seq: int, kind: str, t_iso: str, data: Mapping[str, Any], *, historical: bool
+) -> dict[str, Any]:
+    """`records/<kind>` payload from one outbox row.
+
+    `seq` is the outbox sequence number: increasing, unique per store; delivery is at
+    least once, so a subscriber drops a `seq` it has seen. `historical` is true when
+    the record was written before the current broker session began (it waited in the
+    outbox through a broker outage or a controller restart).
+    """
+    if kind not in RECORD_KINDS:
+        raise ValueError(f"unknown record kind {kind!r}")
+    return {
+        "schema": f"linectl.{kind}/1",
+        "seq": seq,
+        "historical": historical,
+        "quality": Quality.GOOD.value,
+        "t_ms": iso_to_ms(t_iso),
+        **data,
+    }
+
+
+# ---------------------------------------------------------------------- report by exception
+
+
+@dataclass
+class ReportFilter:
+    """Report by exception for live values.
+
+    A value is published when it is new, when its quality changes, when it moved by more
+    than its deadband since it was last published (any change when it has none), or when
+    it was last published `max_age_s` ago; never more often than `min_interval_s`, except
+    for a change of quality, which goes at once.
+    """
+
+    deadbands: Mapping[str, float] = field(default_factory=dict)
+    max_age_s: float = 5.0
+    min_interval_s: float = 0.1
+    _sent: dict[str, tuple[float | int | bool | None, Quality, float]] = field(default_factory=dict)
+
+    def offer(self, v: LiveValue, now_s: float) -> bool:
+        """Whether to publish `v` now; if so it counts as published at `now_s`."""
+        last = self._sent.get(v.name)
+        if last is None or last[1] is not v.quality or self._due(v, last, now_s):
+            self._sent[v.name] = (v.value, v.quality, now_s)
+            return True
+        return False
+
+    def _due(
+        self, v: LiveValue, last: tuple[float | int | bool | None, Quality, float], now_s: float
+    ) -> bool:
+        old, _, sent_s = last
+        age_s = now_s - sent_s
+        if age_s < self.min_interval_s:
+            return False
+        if age_s >= self.max_age_s:
+            return True
+        return _moved(old, v.value, self.deadbands.get(v.name, 0.0))
+
+    def forget(self) -> None:
+        """Publish everything afresh (after a reconnect: retained values may be gone)."""
+        self._sent.clear()
+
+
+def _moved(old: float | int | bool | None, new: float | int | bool | None, band: float) -> bool:
+    if old is None or new is None or isinstance(old, bool) or isinstance(new, bool):
+        return old != new
+    old_nan, new_nan = math.isnan(old), math.isnan(new)
+    if old_nan or new_nan:
+        return old_nan != new_nan
+    if band <= 0:
+        return old != new
+    return abs(new - old) > band
+
+
+# ---------------------------------------------------------------------- JSON Schema
+
+_T_MS = {"type": "integer", "description": "unix time, milliseconds"}
+_QUALITY = {"enum": [q.value for q in Quality]}
+_NUM_OR_NULL = {"type": ["number", "null"]}
+
+
+def _obj(schema_id: str, props: Mapping[str, Any], required: Iterable[str]) -> dict[str, Any]:
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"linectl.{schema_id}/1",
+        "type": "object",
+        "properties": {"schema": {"const": f"linectl.{schema_id}/1"}, **props},
+        "required": ["schema", *required],
+    }
+
+
+_RECORD_COMMON = {
+    "seq": {"type": "integer", "minimum": 1},
+    "historical": {"type": "boolean"},
+    "quality": _QUALITY,
+    "t_ms": _T_MS,
+}
+_RECORD_REQUIRED = ("seq", "historical", "quality", "t_ms")
+
+_METRE = {
+    "type": "object",
+    "properties": {
+        "index": {"type": "integer", "minimum": 0},
+        "dose_kgy": _NUM_OR_NULL,
+        "min_dose_kgy": _NUM_OR_NULL,
+        "max_dose_kgy": _NUM_OR_NULL,
+        "verdict": {"type": "string"},
+        "causes": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["index", "dose_kgy", "verdict", "causes"],
+}
+
+SCHEMAS: Final[dict[str, dict[str, Any]]] = {
+    "status": _obj(
+        "status",
+        {
+            "status": {"enum": ["online", "offline"]},
+            "quality": _QUALITY,
+            "t_ms": _T_MS,
+            "session_ms": _T_MS,
+        },
+        ("status", "quality", "t_ms"),
+    ),
+    "state": _obj(
+        "state",
+        {
+            "state": {
+                "enum": ["offline", "idle", "ready", "starting", "running", "stopping", "fault"]
+            },
+            "cause": {"type": "string"},
+            "not_ready_reason": {"type": "string"},
+            "reel": {
+                "type": ["object", "null"],
+                "properties": {
+                    "reel_id": {"type": "string"},
+                    "planned_length_m": _NUM_OR_NULL,
+                    "started": {"type": "boolean"},
+                },
+            },
+            "recipe": {
+                "type": "object",
+                "properties": {"product": {"type": "string"}, "version": {"type": "string"}},
+            },
+            "alarms": {"type": "array", "items": {"type": "string"}},
+            "quality": _QUALITY,
+            "t_ms": _T_MS,
+        },
+        ("state", "cause", "reel", "recipe", "alarms", "quality", "t_ms"),
+    ),
+    "alarms_active": _obj(
+        "alarms_active",
+        {
+            "alarms": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "kind": {"type": "string"},
+                        "message": {"type": "string"},
+                        "latched": {"type": "boolean"},
+                        "t_ms": _T_MS,
+                    },
+                    "required": ["kind", "message", "latched", "t_ms"],
+                },
+            },
+            "quality": _QUALITY,
+            "t_ms": _T_MS,
+        },
+        ("alarms", "quality", "t_ms"),
+    ),
+    "live": _obj(
+        "live",
+        {
+            "name": {"enum": [s.name for s in LIVE_VALUES]},
+            "value": {"type": ["number", "boolean", "null"]},
+            "unit": {"type": "string"},
+            "quality": _QUALITY,
+            "t_ms": _T_MS,
+        },
+        ("name", "value", "unit", "quality", "t_ms"),
+    ),
+    "metres": _obj(
+        "metres",
+        {
+            **_RECORD_COMMON,
+            "reel_id": {"type": "string"},
+            "event": {"enum": ["metres", "unproven"]},
+            "metres": {"type": "array", "items": _METRE},
+            "first_index": {"type": "integer"},
+            "last_index": {"type": "integer"},
+            "cause": {"type": "string"},
+        },
+        (*_RECORD_REQUIRED, "reel_id", "event"),
+    ),
+    "reel": _obj(
+        "reel",
+        {
+            **_RECORD_COMMON,
+            "reel_id": {"type": "string"},
+            "event": {"enum": ["start", "end"]},
+            "summary": {"type": "object"},
+        },
+        (*_RECORD_REQUIRED, "reel_id", "event"),
+    ),
+    "alarm": _obj(
+        "alarm",
+        {
+            **_RECORD_COMMON,
+            "alarm_id": {"type": "integer"},
+            "event": {"enum": ["raised", "acknowledged", "cleared"]},
+            "kind": {"type": "string"},
+            "message": {"type": "string"},
+            "reel_id": {"type": ["string", "null"]},
+            "by": {"type": "string"},
+        },
+        (*_RECORD_REQUIRED, "alarm_id", "event", "kind"),
+    ),
+    "audit": _obj(
+        "audit",
+        {
+            **_RECORD_COMMON,
+            "event_id": {"type": "integer"},
+            "actor": {"type": "string"},
+            "action": {"type": "string"},
+            "detail": {"type": "object"},
+            "accepted": {"type": "boolean"},
+            "reason": {"type": "string"},
+            "reel_id": {"type": ["string", "null"]},
+        },
+        (*_RECORD_REQUIRED, "event_id", "actor", "action", "accepted", "reason"),
+    ),
+    "command": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "linectl.command/1",
+        "type": "object",
+        "properties": {
+            "command": {"type": "string", "description": "optional; must match the topic"},
+            "sender": {"type": "string", "description": "optional; must match the topic"},
+            "request_id": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
+            "reason": {"type": "string"},
+            "reel_id": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
+            "length_m": {"type": "number", "exclusiveMinimum": 0},
+            "operator": {"type": "string"},
+            "recipe": {"type": "string"},
+            "alarm": {"type": "string"},
+        },
+        "additionalProperties": False,
+    },
+    "response": _obj(
+        "response",
+        {
+            "result": {"enum": ["ACK", "NAK"]},
+            "ack": {"type": "boolean"},
+            "reason": {"type": "string"},
+            "command": {"type": "string"},
+            "request_id": {"type": "string"},
+            "state": {"type": "string"},
+            "detail": {"type": "object"},
+            "t_ms": _T_MS,
+        },
+        ("result", "ack", "reason", "command", "request_id", "t_ms"),
+    ),
+}
+"""JSON Schema (2020-12) of every payload, by schema name (TOPIC_SPECS names them)."""
+
+
+def schema_document() -> dict[str, Any]:
+    """The retained `schema` topic's payload: every schema and the topic table."""
+    return {
+        "schema": "linectl.schema/1",
+        "version": SCHEMA_VERSION,
+        "topics": [
+            {
+                "topic": t.pattern,
+                "qos": t.qos,
+                "retain": t.retain,
+                "schema": t.schema,
+                "description": t.description,
+            }
+            for t in TOPIC_SPECS
+        ],
+        "schemas": SCHEMAS,
+    }
+
+
+__all__ = [
+    "LIVE_VALUES",
+    "RECORD_KINDS",
+    "SCHEMAS",
+    "TOPIC_SPECS",
+    "ActiveAlarm",
+    "LineStatus",
+    "LiveSpec",
+    "LiveValue",
+    "ReportFilter",
+    "TopicSpec",
+    "Topics",
+    "alarms_active_payload",
+    "encode",
+    "iso_to_ms",
+    "live_payload",
+    "record_payload",
+    "schema_document",
+    "state_payload",
+    "status_payload",
+    "topic_base",
+]

@@ -1,0 +1,161 @@
+"""Pure command handling: parsing with clear errors, authorization (no broker)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from linectl.commands import (
+    MAX_COMMAND_BYTES,
+    Command,
+    CommandError,
+    CommandName,
+    CommandResult,
+    authorize,
+    nak,
+    parse_command,
+)
+from linectl.config import MqttConfig
+from linectl.errors import LocalError
+
+
+def parse(obj: Any, name: str | None = "start_reel", sender: str | None = "scada-1") -> Command:
+    return parse_command(json.dumps(obj).encode(), name=name, sender=sender)
+
+
+def test_start_reel() -> None:
+    cmd = parse(
+        {
+            "request_id": "r-1",
+            "reel_id": "R-0042",
+            "length_m": 2000,
+            "operator": "A. Smith",
+            "recipe": "pv-1x6-en50618",
+            "reason": "shift start",
+        }
+    )
+    assert cmd == Command(
+        CommandName.START_REEL,
+        "scada-1",
+        "r-1",
+        reel_id="R-0042",
+        length_m=2000.0,
+        operator="A. Smith",
+        recipe="pv-1x6-en50618",
+        reason="shift start",
+    )
+    assert cmd.detail() == {
+        "source": "mqtt",
+        "request_id": "r-1",
+        "reel_id": "R-0042",
+        "length_m": 2000.0,
+        "operator": "A. Smith",
+        "recipe": "pv-1x6-en50618",
+        "reason": "shift start",
+    }
+
+
+def test_name_and_sender_from_the_payload() -> None:
+    cmd = parse({"command": "stop", "sender": "op-2"}, name=None, sender=None)
+    assert (cmd.name, cmd.sender) == (CommandName.STOP, "op-2")
+    with pytest.raises(CommandError, match="no command named"):
+        parse({"sender": "op-2"}, name=None, sender=None)
+    with pytest.raises(CommandError, match="no sender named"):
+        parse({}, name="stop", sender=None)
+
+
+@pytest.mark.parametrize(
+    ("payload", "name", "message"),
+    [
+        ({"reel_id": "R1"}, "start_reel", "start_reel: missing key\\(s\\) length_m"),
+        ({"reel_id": "R1", "length_m": 5, "speed": 3}, "start_reel", "unknown key\\(s\\) speed"),
+        ({"reel_id": "R1", "length_m": -5}, "start_reel", "length_m must be positive"),
+        ({"reel_id": "R1", "length_m": 0}, "start_reel", "length_m must be positive"),
+        ({"reel_id": "R1", "length_m": True}, "start_reel", "length_m must be a number"),
+        ({"reel_id": "R1", "length_m": "5"}, "start_reel", "length_m must be a number, not str"),
+        ({"reel_id": "R 1", "length_m": 5}, "start_reel", "reel_id 'R 1' does not match"),
+        ({"reel_id": 7, "length_m": 5}, "start_reel", "reel_id must be a string, not int"),
+        ({"recipe": "../etc/passwd"}, "select_recipe", "recipe '../etc/passwd' does not match"),
+        ({"recipe": "pv.toml"}, "select_recipe", "recipe 'pv.toml' does not match"),
+        ({}, "ack_alarm", "ack_alarm: missing key\\(s\\) alarm"),
+        ({"alarm": "Vacuum!"}, "ack_alarm", "neither an alarm kind nor"),
+        ({"reel_id": "R1"}, "stop", "stop: unknown key\\(s\\) reel_id"),
+        ({}, "launch", "unknown command 'launch' \\(known: start_reel, stop"),
+        ({"command": "reset"}, "stop", "payload names command 'reset', the topic 'stop'"),
+        ({"sender": "eve"}, "stop", "payload names sender 'eve', the topic 'scada-1'"),
+        ({"request_id": "x" * 65}, "stop", "request_id"),
+        ({"reason": "x" * 201}, "stop", "reason is longer than 200"),
+    ],
+)
+def test_bad_commands_say_what_is_wrong(payload: dict[str, Any], name: str, message: str) -> None:
+    with pytest.raises(CommandError, match=message):
+        parse(payload, name=name)
+
+
+def test_bad_payloads() -> None:
+    with pytest.raises(CommandError, match="not JSON"):
+        parse_command(b"{nope", name="stop", sender="a")
+    with pytest.raises(CommandError, match="not JSON"):
+        parse_command(b"\xff\xfe", name="stop", sender="a")
+    with pytest.raises(CommandError, match="must be a JSON object, not list"):
+        parse_command(b"[]", name="stop", sender="a")
+    big = b'{"reason": "' + b"x" * MAX_COMMAND_BYTES + b'"}'
+    with pytest.raises(CommandError, match=f"more than the {MAX_COMMAND_BYTES} allowed"):
+        parse_command(big, name="stop", sender="a")
+    with pytest.raises(CommandError, match="sender 'a b' does not match"):
+        parse_command(b"{}", name="stop", sender="a b")
+    # Command errors are the caller's fault (LocalError), and NaN is not JSON we accept.
+    with pytest.raises(LocalError, match="length_m must be positive and finite"):
+        parse_command(b'{"reel_id": "R", "length_m": NaN}', name="start_reel", sender="a")
+
+
+CFG = MqttConfig(
+    roles={"operator": ["start_reel", "stop", "ack_alarm"], "admin": ["*"], "viewer": []},
+    identities={"op-1": "operator", "boss": "admin", "eye": "viewer", "ghost": "nobody"},
+)
+
+
+@pytest.mark.parametrize(
+    ("identity", "command", "reason"),
+    [
+        ("op-1", CommandName.START_REEL, ""),
+        ("op-1", CommandName.RESET, "role 'operator' may not send reset"),
+        ("boss", CommandName.SELECT_RECIPE, ""),
+        ("eye", CommandName.STOP, "role 'viewer' may not send stop"),
+        ("stranger", CommandName.STOP, "identity 'stranger' has no role"),
+        ("ghost", CommandName.STOP, "role 'nobody' (of 'ghost') is not configured"),
+    ],
+)
+def test_authorize(identity: str, command: CommandName, reason: str) -> None:
+    assert authorize(identity, command, CFG) == reason
+    assert authorize(identity, Command(command, identity), CFG) == reason
+
+
+def test_anonymous_commands_only_when_allowed() -> None:
+    assert authorize("stranger", CommandName.STOP, CFG) != ""
+    open_cfg = CFG.model_copy(update={"allow_anonymous_commands": True})
+    assert authorize("stranger", CommandName.STOP, open_cfg) == ""
+    # A known identity keeps its role's limits even then.
+    assert authorize("eye", CommandName.STOP, open_cfg) == "role 'viewer' may not send stop"
+
+
+def test_result_payload() -> None:
+    r = CommandResult(True, "", "stop", "r-9", "running", {"x": 1})
+    assert r.result == "ACK"
+    assert r.to_json(5) == {
+        "schema": "linectl.response/1",
+        "result": "ACK",
+        "ack": True,
+        "reason": "",
+        "command": "stop",
+        "request_id": "r-9",
+        "state": "running",
+        "detail": {"x": 1},
+        "t_ms": 5,
+    }
+    n = nak(None, "bad", command="launch")
+    assert (n.ack, n.result, n.reason, n.command) == (False, "NAK", "bad", "launch")
+    n2 = nak(Command(CommandName.STOP, "a", "r-1"), "no", state="idle")
+    assert (n2.command, n2.request_id, n2.state) == ("stop", "r-1", "idle")

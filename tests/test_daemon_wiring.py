@@ -1,0 +1,106 @@
+"""`linectl run`'s wiring: the service with its metrics endpoint, MQTT bridge and Sparkplug
+B edge node together, against the simulators and a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+from broker import running_broker
+from e2e_scenarios import TRUE_K, compact_config, endpoints
+
+from linectl.config import load_config
+from linectl.daemon import run_with_bridge
+from linectl.service import LineService, ReelRequest, select_recipe
+from linectl.sparkplug import sparkplug_b_pb2 as spb
+from simulators.server import SimulatedLine
+
+pytestmark = pytest.mark.slow
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5.0) as resp:
+        text: str = resp.read().decode()
+        return text
+
+
+async def test_run_wires_metrics_mqtt_and_sparkplug(tmp_path: Path) -> None:
+    cfg = load_config(compact_config(tmp_path), environ={})
+    recipe, path = select_recipe(cfg, None)
+    async with running_broker(tmp_path / "broker") as broker:
+        cfg.line = cfg.line.model_copy(
+            update={
+                "mqtt": cfg.line.mqtt.model_copy(
+                    update={
+                        "enabled": True,
+                        "port": broker.port,
+                        "protocol": "5" if broker.kind == "mosquitto" else "3.1.1",
+                    }
+                ),
+                "sparkplug": cfg.line.sparkplug.model_copy(update={"enabled": True}),
+            }
+        )
+        async with SimulatedLine(cfg, seed=3, k_dose_true=TRUE_K) as sim:
+            svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))
+            svc.on_reel_start.append(lambda _r, counter_m: sim.plant.start_reel(counter_m))
+            svc.request_reel(ReelRequest("WIRED-1", 4.0, "pytest"))
+            scraped: list[str] = []
+
+            def scrape_once(s: LineService) -> None:
+                if not scraped and s.metrics_url and s.records_written >= 2:
+                    scraped.append("pending")  # scraped off the loop below
+
+            svc.observers.append(scrape_once)
+            json_msgs: list[tuple[str, bytes]] = []
+            sp_msgs: list[tuple[str, bytes]] = []
+            async with broker.client() as sub:
+                await sub.subscribe("linectl/line1/#", qos=1)
+                await sub.subscribe("spBv1.0/#", qos=0)
+
+                async def collect() -> None:
+                    async for msg in sub.messages:
+                        t = str(msg.topic)
+                        body = bytes(msg.payload)  # type: ignore[arg-type]
+                        (sp_msgs if t.startswith("spBv1.0/") else json_msgs).append((t, body))
+
+                collector = asyncio.create_task(collect())
+                run = asyncio.create_task(run_with_bridge(svc, exit_when_done=True, metrics_port=0))
+                while not run.done():
+                    if scraped == ["pending"] and svc.metrics_url:
+                        scraped[0] = await asyncio.to_thread(_scrape, svc.metrics_url)
+                    await asyncio.sleep(0.1)
+                await run
+                await asyncio.sleep(0.5)
+                collector.cancel()
+    assert svc.finished_reels == ["WIRED-1"]
+    # Prometheus: served while running, with this line's figures.
+    text = scraped[0]
+    assert 'linectl_up{line="line1"} 1.0' in text
+    assert 'linectl_line_state{line="line1",state="running"} 1.0' in text
+    assert "linectl_mqtt_connected" in text
+    # MQTT: every metre as a record, and the status online then offline.
+    metres = [
+        m
+        for t, b in json_msgs
+        if t == "linectl/line1/records/metres"
+        for m in json.loads(b).get("metres", [])
+    ]
+    assert sorted(m["index"] for m in metres) == [0, 1, 2, 3]
+    statuses = [json.loads(b)["status"] for t, b in json_msgs if t == "linectl/line1/status"]
+    assert statuses[0] == "online"
+    assert statuses[-1] == "offline"
+    # Sparkplug: NBIRTH first, then device births and data; NDEATH at the clean exit.
+    kinds = [t.split("/")[2] for t, _ in sp_msgs]
+    assert kinds[0] == "NBIRTH"
+    assert "DBIRTH" in kinds
+    assert "DDATA" in kinds
+    assert kinds[-1] == "NDEATH"
+    birth = spb.Payload()
+    birth.ParseFromString(sp_msgs[0][1])
+    death = spb.Payload()
+    death.ParseFromString(sp_msgs[-1][1])
+    bdseq = {m.name: m.long_value for m in birth.metrics if m.name == "bdSeq"}
+    assert bdseq == {m.name: m.long_value for m in death.metrics if m.name == "bdSeq"}
