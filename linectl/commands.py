@@ -150,14 +150,25 @@ def command_name(text: str) -> CommandName:
         raise CommandError(f"unknown command {text!r} (known: {known})") from None
 
 
+# Control characters and lone surrogates (JSON "\ud800" decodes to one). A surrogate
+# cannot be encoded as UTF-8, so SQLite refuses the record that holds it: the store's write
+# fails and the line goes to FAULT ("records"). Found by tests/test_fuzz.py with an
+# `operator` of "\ud800" in start_reel.
+_BAD_CHARS_RE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+
+
 def _text(obj: Mapping[str, Any], key: str, pattern: re.Pattern[str] | None = None) -> str:
     value = obj[key]
     if not isinstance(value, str):
         raise CommandError(f"{key} must be a string, not {type(value).__name__}")
-    if pattern is not None and not pattern.match(value):
+    # fullmatch: `$` in match() also matches before a trailing newline, so "R1\n" passed
+    # as a reel id (found by tests/test_fuzz.py).
+    if pattern is not None and not pattern.fullmatch(value):
         raise CommandError(f"{key} {value!r} does not match {pattern.pattern}")
     if len(value) > _MAX_TEXT:
         raise CommandError(f"{key} is longer than {_MAX_TEXT} characters")
+    if _BAD_CHARS_RE.search(value):
+        raise CommandError(f"{key} {value!r} holds a control character or a lone surrogate")
     return value
 
 
@@ -181,6 +192,10 @@ def parse_command(
         obj = json.loads(payload)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CommandError(f"command payload is not JSON: {exc}") from None
+    except RecursionError:
+        # 4096 bytes of "[" nest deeper than the decoder's recursion limit (found by
+        # tests/test_fuzz.py); no command nests at all.
+        raise CommandError("command payload is not JSON we take: nested too deeply") from None
     if not isinstance(obj, dict):
         raise CommandError(f"command payload must be a JSON object, not {type(obj).__name__}")
 
@@ -198,7 +213,7 @@ def parse_command(
         sender = _text(obj, "sender", _NAME_RE)
     elif "sender" in obj and obj["sender"] != sender:
         raise CommandError(f"payload names sender {obj['sender']!r}, the topic {sender!r}")
-    if not _NAME_RE.match(sender):
+    if not _NAME_RE.fullmatch(sender):
         raise CommandError(f"sender {sender!r} does not match {_NAME_RE.pattern}")
 
     required, optional = _FIELDS[cname]
@@ -220,16 +235,22 @@ def parse_command(
         args["recipe"] = _text(obj, "recipe", _RECIPE_RE)
     if "alarm" in obj:
         alarm = _text(obj, "alarm")
-        if alarm != "*" and not re.match(r"^[a-z0-9_]{1,64}$", alarm):
+        if alarm != "*" and not re.fullmatch(r"[a-z0-9_]{1,64}", alarm):
             raise CommandError(f"alarm {alarm!r} is neither an alarm kind nor '*'")
         args["alarm"] = alarm
     if "length_m" in obj:
         length = obj["length_m"]
         if isinstance(length, bool) or not isinstance(length, int | float):
             raise CommandError(f"length_m must be a number, not {type(length).__name__}")
-        if not math.isfinite(length) or length <= 0:
+        try:
+            length_m = float(length)
+        except OverflowError:
+            # A JSON integer of hundreds of digits does not fit a float (found by
+            # tests/test_fuzz.py: math.isfinite raised OverflowError).
+            raise CommandError("length_m must be positive and finite, not a huge integer") from None
+        if not math.isfinite(length_m) or length_m <= 0:
             raise CommandError(f"length_m must be positive and finite, not {length}")
-        args["length_m"] = float(length)
+        args["length_m"] = length_m
     return Command(cname, sender, request_id, reason=reason, source=source, **args)
 
 

@@ -13,6 +13,7 @@ Errors name the file, the field and what is wrong. Environment variables
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -50,7 +51,12 @@ ENV_PREFIX = "LINECTL_"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # allow_inf_nan=False: TOML has `inf` and `nan`, and a tolerance of `inf` or a scale of
+    # `nan` would pass every comparison check below and silently disable a limit
+    # (found by tests/test_fuzz.py: energy_tolerance_mev = inf was accepted).
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
 
 # --------------------------------------------------------------------------- registers
@@ -192,6 +198,16 @@ COUNTER_FIELDS: dict[PlcName, tuple[str, ...]] = {
     "conveyor": ("length", "clock"),
 }
 
+# The units the dose ledger and the PLC-clock alignment can use, with the factor to the
+# core's own units (uC, m, ms; linectl.core.views). Checked when a map is loaded, so that
+# `linectl config check` refuses a unit the daemon would refuse at start (found by
+# tests/test_fuzz.py: charge_total in "kg" passed the check).
+COUNTER_UNITS: dict[str, dict[str, float]] = {
+    "charge_total": {"nC": 0.001, "uC": 1.0, "µC": 1.0, "mC": 1000.0, "C": 1e6},
+    "length": {"mm": 0.001, "cm": 0.01, "dm": 0.1, "m": 1.0},
+    "clock": {"ms": 1.0, "s": 1000.0},
+}
+
 
 class RegisterMap(_Strict):
     """A PLC's whole register map, declared once and used by the link and the simulators."""
@@ -235,6 +251,11 @@ class RegisterMap(_Strict):
         for name in COUNTER_FIELDS[self.plc]:
             if not self.fields[name].counter:
                 raise ValueError(f"field {name!r} is a free-running counter: set counter = true")
+            units = COUNTER_UNITS.get(name)
+            if units is not None and self.fields[name].unit not in units:
+                raise ValueError(
+                    f"field {name!r}: unit {self.fields[name].unit!r} is not one of {sorted(units)}"
+                )
         return self
 
     def field(self, name: str) -> RegisterField:
@@ -379,7 +400,8 @@ class MqttConfig(_Strict):
     """MQTT client id; None: `linectl-<line_id>`."""
     username: str | None = None
     """Broker user name (with `password`, or LINECTL_MQTT__PASSWORD in the environment)."""
-    password: str | None = None
+    # repr=False: a logged or printed configuration never shows the password.
+    password: str | None = Field(default=None, repr=False)
     """Broker password; prefer the environment variable to the file."""
     tls: MqttTls | None = None
     """TLS settings; None: plain TCP (only on a segregated network)."""
@@ -549,6 +571,15 @@ class Recipe(_Strict):
         ws = geometry.weight_sum
         i_lo = self.current_for_dose_ma(self.speed_min_m_min, ws)
         i_hi = self.current_for_dose_ma(self.speed_max_m_min, ws)
+        v_max = self.max_speed_m_min(ws)
+        if not all(math.isfinite(x) for x in (i_lo, i_hi, v_max)):
+            # Finite inputs can still overflow (1e300 * 1e300); a NaN would pass every
+            # comparison below and reach the controller's set-points (tests/test_fuzz.py).
+            raise ValueError(
+                "the recipe's numbers overflow: the dose-follow current "
+                f"({i_lo:g}..{i_hi:g} mA) or the speed the beam allows ({v_max:g} m/min) "
+                "is not a finite number"
+            )
         if self.beam_current_max_ma < i_lo or self.beam_current_min_ma > i_hi:
             raise ValueError(
                 "beam current range beam_current_min_ma..beam_current_max_ma = "
@@ -607,8 +638,19 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # tomllib decodes the bytes itself and lets this through (found by
+        # tests/test_fuzz.py: a file with a Latin-1 byte in a string).
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {exc.start}") from None
+    except RecursionError:
+        # tomllib recurses per nesting level: thousands of nested arrays exhaust the stack.
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except ValueError as exc:
+        # open() refuses a path with a NUL character (a TOML string may hold one, e.g. in
+        # register_map = "a\u0000b"): found by tests/test_fuzz.py.
+        raise ConfigError(f"{path!r}: cannot read: {exc}") from None
 
 
 def _parse_env_value(text: str) -> Any:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -317,6 +318,9 @@ class MqttBridge:
             max_inflight_messages=cfg.max_inflight,
             tls_params=tls,
             tls_insecure=cfg.tls.insecure if cfg.tls is not None else None,
+            # Small publishes must not wait for Nagle and the peer's delayed ACK (~40 ms on
+            # Linux): without this p99 live latency was 53 ms, with it 19-26 ms (bench).
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         # aiomqtt warns above 10 pending calls; up to max_inflight is what we ask for.
         client.pending_calls_threshold = cfg.max_inflight + 10
@@ -529,7 +533,7 @@ class MqttBridge:
             out.CorrelationData = correlation
         await self._publish(
             client,
-            topic or self.topics.response(sender),
+            self.topics.answer_topic(topic, sender),
             encode(result.to_json(self.wall_ms())),
             qos=1,
             retain=False,

@@ -725,6 +725,11 @@ class LineService:
             await link.write_many(values, verify=False)
         except PlcError as exc:
             log.debug("%s write failed: %s", link.name, exc)  # the link logs state changes
+        except LocalError as exc:
+            # A value the map refuses (out of its range): a bug upstream, never a reason
+            # to end the cycle that keeps the watchdogs alive. The PLC keeps its last
+            # values; the next cycle tries again.
+            log.error("%s write refused before I/O: %s", link.name, exc)
 
     def _events(self) -> None:
         transitions, alarms = self.ctl.take_events()
@@ -994,7 +999,8 @@ async def _disarm(link: PlcLink, safe: Mapping[str, float]) -> bool:
             await link.write_many(safe, verify=True)
             await link.write_many({"watchdog_timeout": 0}, verify=True)
     except (PlcError, TimeoutError) as exc:
-        log.warning("%s: watchdog left armed (%s): it will latch a fault", link.name, exc)
+        why = str(exc) or "no answer within 1.0 s"
+        log.warning("%s: watchdog left armed (%s): it will latch a fault", link.name, why)
         return False
     return True
 

@@ -31,6 +31,7 @@ import logging
 import math
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -249,13 +250,29 @@ class RecordStore:
             str(path), isolation_level=None, check_same_thread=False, timeout=10.0
         )
         try:
-            self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+            self._use_wal()
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except BaseException:
             self._db.close()
             raise
+
+    def _use_wal(self, timeout_s: float = 10.0) -> None:
+        # Two connections opening a new file at once (the service's writer and the MQTT
+        # bridge's reader start together; found by bench/soak.py) race to switch it to
+        # WAL, and SQLite answers the loser "database is locked" at once instead of
+        # waiting out the busy timeout (waiting could deadlock). The winner's switch takes
+        # a moment: try again until it is done.
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.005)
 
     # ------------------------------------------------------------------ lifecycle
 

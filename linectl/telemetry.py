@@ -149,6 +149,25 @@ class Topics:
         """Fallback response topic for clients that give no MQTT 5 response topic."""
         return f"{self.base}/response/{sender}"
 
+    def answer_topic(self, requested: str | None, sender: str) -> str:
+        """Where to answer a command: the requester's MQTT 5 response topic, unless it
+        lies in a namespace SCADA trusts linectl for (any line's topics under our
+        prefix, except the response topics; Sparkplug; `$` system topics) or is not a
+        plain topic name. Else a client that may send commands could make linectl
+        publish onto its own record and state topics."""
+        fallback = self.response(sender)
+        if not requested:
+            return fallback
+        prefix = self.base.rsplit("/", 1)[0]
+        ours = requested == prefix or requested.startswith(prefix + "/")
+        if ours and not requested.startswith(f"{self.base}/response/"):
+            return fallback
+        if requested.startswith(("spBv1.0/", "$")) or requested == "spBv1.0":
+            return fallback
+        if any(c in requested for c in "+#\x00") or len(requested.encode()) > 1024:
+            return fallback
+        return requested
+
     def parse_cmd(self, topic: str) -> tuple[str, str] | None:
         """(command, sender) of a command topic, None for any other topic."""
         head = f"{self.base}/cmd/"

@@ -206,10 +206,11 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: `linectl sim ...` and `python -m simulators ...`."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Under `linectl sim` the root logger already has a handler (basicConfig then does
+    # nothing): the level asked for here must still apply.
+    logging.getLogger().setLevel(level)
     try:
         return asyncio.run(run(args))
     except ConfigError as exc:

@@ -44,6 +44,7 @@ class FakeLine:
     def __init__(self) -> None:
         self.values = {s.name: LiveValue(s.name, 1.0, Quality.GOOD, _now_ms()) for s in LIVE_VALUES}
         self.commands: list[Command] = []
+        self.refused: list[tuple[str, str, str]] = []
 
     def set(self, name: str, value: float | None, quality: Quality = Quality.GOOD) -> None:
         self.values[name] = LiveValue(name, value, quality, _now_ms())
@@ -54,6 +55,11 @@ class FakeLine:
     async def execute(self, cmd: Command) -> CommandResult:
         self.commands.append(cmd)
         return CommandResult(True, "", cmd.name.value, cmd.request_id, "ready")
+
+    def audit_command_error(
+        self, sender: str, command: str, reason: str, detail: object = None
+    ) -> None:
+        self.refused.append((sender, command, reason))
 
 
 def _now_ms() -> int:
@@ -348,7 +354,43 @@ async def test_commands_over_ncmd_and_dcmd(broker: TestBroker, tmp_path: Path) -
     assert line.commands[1].recipe == "pv-1x6-en50618"
     got = sorted((a["command"], a["result"]) for a in answers(sub.msgs))
     assert got == [("select_recipe", "ACK"), ("start_reel", "NAK"), ("stop", "ACK")]
+    # The command that did not parse is audited too.
+    assert [(c, r[:12]) for _s, c, r in line.refused] == [("start_reel", answers_reason(sub))]
     check_sessions(sub.msgs, broker)
+
+
+def answers_reason(sub: object) -> str:
+    """The first 12 characters of the NAK's reason, as the node answered it."""
+    msgs = sub.msgs  # type: ignore[attr-defined]
+    for rx in msgs:
+        if rx.kind != "NDATA":
+            continue
+        for m in rx.payload.metrics:
+            if m.alias == 16 and json.loads(m.string_value)["result"] == "NAK":
+                return str(json.loads(m.string_value)["reason"])[:12]
+    return ""
+
+
+async def test_retained_command_is_refused_and_audited(broker: TestBroker, tmp_path: Path) -> None:
+    line = FakeLine()
+    async with broker.client() as host:
+        # Left on the broker by some client: it would act on every reconnect.
+        await host.publish(
+            f"{PREFIX}/NCMD/{NODE}", ncmd("Commands/stop", pb.Boolean, True), qos=1, retain=True
+        )
+    edge = make_edge(broker.port, line, tmp_path)
+    try:
+        async with subscriber(broker) as sub, running(edge):
+            await sub.wait_for(lambda ms: len(ms) >= 4)
+            for _ in range(100):
+                if line.refused:
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        async with broker.client() as host:
+            await host.publish(f"{PREFIX}/NCMD/{NODE}", b"", qos=1, retain=True)  # clear it
+    assert line.commands == []
+    assert [(c, r) for _s, c, r in line.refused] == [("sparkplug_command", "retained command")]
 
 
 class CuttableProxy:

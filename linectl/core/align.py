@@ -52,7 +52,9 @@ class PlcClock:
 
     def sample_time(self, host_t_s: float, plc_ms: float | None) -> float:
         """Host-clock time at which the PLC took a sample stamped `plc_ms`."""
-        if plc_ms is None:
+        if plc_ms is None or not math.isfinite(plc_ms):
+            # A clock reading that is not a number would make the unwrapped clock NaN for
+            # good, and every later sample time with it: no clock reading this time.
             return host_t_s
         if self._last_raw is None:
             self._unwrapped_ms = float(plc_ms)

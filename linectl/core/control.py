@@ -21,6 +21,7 @@ inhibit are outside this software and never replaced by it.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field, replace
 
 from linectl.config import ControlTuning, Geometry, Recipe
@@ -64,6 +65,8 @@ class AccView:
     energy_mev: float = 0.0
     scan_width_cm: float = 0.0
     fault_code: int = 0
+    bad_values: tuple[str, ...] = ()
+    """Register-map fields whose value was not a finite number (views.acc_view)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,33 @@ class CnvView:
     estop: bool = False
     speed_m_min: float = 0.0
     fault_code: int = 0
+    bad_values: tuple[str, ...] = ()
+    """Register-map fields whose value was not a finite number (views.cnv_view)."""
+
+
+def _not_finite(plc: str, view: AccView | CnvView) -> tuple[str, str] | None:
+    """The trip for a view whose numbers are not all finite, None when they are.
+
+    NaN fails every comparison, so without this an energy of NaN never tripped the
+    energy interlock and a speed of NaN never took the beam off a slow line (found by
+    tests/test_fuzz.py). A PLC that answers with values that are not numbers is treated
+    like any other process fault: beam off, line to a stop, latched alarm; its links
+    still answer, so both PLCs get the safe state written.
+    """
+    names = list(view.bad_values)
+    numbers: dict[str, float] = (
+        {
+            "beam_current_ma": view.beam_current_ma,
+            "energy_mev": view.energy_mev,
+            "scan_width_cm": view.scan_width_cm,
+        }
+        if isinstance(view, AccView)
+        else {"speed_m_min": view.speed_m_min}
+    )
+    names += [n for n, x in numbers.items() if not math.isfinite(x)]
+    if not names:
+        return None
+    return (f"{plc}_bad_value", f"{plc} reports values that are not numbers: {', '.join(names)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +356,8 @@ class Controller:
         # 5. Last word: the beam is never requested on a line that is not running or is
         # below the recipe's minimum speed (strictly; the controller's own low operating
         # point, v_low, sits a tolerance above it).
-        if out.beam_on and (not cnv.running or cnv.speed_m_min < self.v_min):
+        # Written as `not >=` so that a speed of NaN also takes the beam off.
+        if out.beam_on and (not cnv.running or not cnv.speed_m_min >= self.v_min):
             out = replace(out, beam_on=False)
         self._out = out
         return out
@@ -364,6 +395,10 @@ class Controller:
     def _interlocks(self, t_s: float, acc: AccView, cnv: CnvView, out: Outputs) -> Outputs:
         active = self.state in (LineState.STARTING, LineState.RUNNING, LineState.STOPPING)
         trips: list[tuple[str, str]] = []
+        for plc, view in (("accelerator", acc), ("conveyor", cnv)):
+            bad = _not_finite(plc, view)
+            if bad is not None:
+                trips.append(bad)
         beam_is_on = acc.beam_on or acc.beam_current_ma > 0.5
         if beam_is_on and (cnv.estop or cnv.cable_break or not cnv.running):
             trips.append(("line_stopped_beam_on", "beam on while the line is not running"))

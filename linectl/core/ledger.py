@@ -175,8 +175,12 @@ class DoseLedger:
             raise RuntimeError("update() before start()")
         prev = self._last
         dt_s = sample.t_s - prev.t_s
-        if dt_s <= 0:
+        if not dt_s > 0:  # `not >` so that a NaN time is skipped too
             return []  # same cycle twice, or a clock step: nothing to account
+        # A value that is not a finite number is no value: a NaN scan width made a NaN
+        # dose, and a NaN dose passed both limit checks as in spec (found by
+        # tests/test_fuzz.py). Skipped like a missing one, so the next good pair
+        # accounts the interval from good values only.
         missing = [
             name
             for name, v in (
@@ -184,7 +188,7 @@ class DoseLedger:
                 ("beam charge", sample.charge_uc),
                 ("scan width", sample.scan_width_cm),
             )
-            if v is None or (name == "scan width" and v <= 0)
+            if v is None or not math.isfinite(v) or (name == "scan width" and v <= 0)
         ]
         if missing:
             # Counters make a skipped sample harmless: the next good pair accounts the
@@ -209,7 +213,11 @@ class DoseLedger:
                 IntervalEvent(sample.t_s, "length_reset", f"{prev.length_m} -> {sample.length_m} m")
             )
             worst_m = self.limits.max_speed_m_min / 60.0 * dt_s
-            speeds = [s for s in (prev.speed_m_min, sample.speed_m_min) if s is not None]
+            speeds = [
+                s
+                for s in (prev.speed_m_min, sample.speed_m_min)
+                if s is not None and math.isfinite(s)
+            ]
             estimate_m = (
                 min(worst_m, max(0.0, sum(speeds) / len(speeds) / 60.0 * dt_s)) if speeds else 0.0
             )
@@ -244,7 +252,11 @@ class DoseLedger:
             assert sample.scan_width_cm is not None
             # Mean of the two scan-width readings: W changes slowly; this is its best value.
             w_cm = sample.scan_width_cm
-            if prev.scan_width_cm is not None and prev.scan_width_cm > 0:
+            if (
+                prev.scan_width_cm is not None
+                and math.isfinite(prev.scan_width_cm)
+                and prev.scan_width_cm > 0
+            ):
                 w_cm = 0.5 * (w_cm + prev.scan_width_cm)
             self._deposit(a_m, b_m, d_q_uc, w_cm, energy_ok=sample.energy_ok and prev.energy_ok)
             self.charge_total_uc += d_q_uc

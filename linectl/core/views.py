@@ -7,40 +7,63 @@ contract names (linectl.config.REQUIRED_FIELDS); units are converted here, once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from linectl.codec import counter_modulus, with_bit
-from linectl.config import RegisterMap
+from linectl.config import COUNTER_UNITS, RegisterMap
 from linectl.core.control import AccView, CnvView, Outputs
 from linectl.core.ledger import LedgerSample
 from linectl.errors import ConfigError
 
 Values = Mapping[str, float | int | None]
 
-# Factor to the ledger's units (metres, microcoulombs) by the map's declared unit.
-_LENGTH_TO_M = {"mm": 0.001, "cm": 0.01, "dm": 0.1, "m": 1.0}
-_CHARGE_TO_UC = {"nC": 0.001, "uC": 1.0, "µC": 1.0, "mC": 1000.0, "C": 1e6}
+# Factor to the ledger's units (metres, microcoulombs) by the map's declared unit; the
+# map's loader checks the same tables.
+_LENGTH_TO_M = COUNTER_UNITS["length"]
+_CHARGE_TO_UC = COUNTER_UNITS["charge_total"]
+_CLOCK_TO_MS = COUNTER_UNITS["clock"]
 
 
-def _bits(values: Values, rmap: RegisterMap, field: str) -> dict[str, bool]:
+def _bits(values: Values, rmap: RegisterMap, field: str, bad: list[str]) -> dict[str, bool]:
     raw = values.get(field)
     f = rmap.field(field)
     if raw is None:
         return dict.fromkeys(f.bits, False)
+    if isinstance(raw, float) and not (math.isfinite(raw) and raw == int(raw) and raw >= 0):
+        # Not a bit pattern (int(nan) raises): the PLC's status is unknown.
+        bad.append(field)
+        return dict.fromkeys(f.bits, False)
     return {name: bool(int(raw) >> bit & 1) for name, bit in f.bits.items()}
 
 
-def _num(values: Values, field: str) -> float:
+def _num(values: Values, field: str, bad: list[str]) -> float:
     v = values.get(field)
-    return 0.0 if v is None else float(v)
+    if v is None:
+        return 0.0
+    try:
+        x = float(v)
+    except OverflowError:  # an int too large for a float
+        x = math.inf
+    if not math.isfinite(x):
+        # NaN fails every comparison, so an interlock that compares it never trips:
+        # named here, and the controller trips on it (found by tests/test_fuzz.py).
+        bad.append(field)
+    return x
+
+
+def _code(values: Values, field: str, bad: list[str]) -> int:
+    x = _num(values, field, bad)
+    return int(x) if math.isfinite(x) else 0  # int(nan) raises; the name is in `bad`
 
 
 def acc_view(values: Values, rmap: RegisterMap, *, ok: bool) -> AccView:
     """The accelerator's decoded values as the controller sees them."""
     if not ok:
         return AccView(ok=False)
-    s = _bits(values, rmap, "status")
+    bad: list[str] = []
+    s = _bits(values, rmap, "status", bad)
     return AccView(
         ok=True,
         ready=s["READY"],
@@ -52,10 +75,11 @@ def acc_view(values: Values, rmap: RegisterMap, *, ok: bool) -> AccView:
         safety_ok=s["SAFETY_OK"],
         fault=s["FAULT"],
         watchdog_trip=s["WATCHDOG_TRIP"],
-        beam_current_ma=_num(values, "beam_current"),
-        energy_mev=_num(values, "energy"),
-        scan_width_cm=_num(values, "scan_width"),
-        fault_code=int(_num(values, "fault_code")),
+        beam_current_ma=_num(values, "beam_current", bad),
+        energy_mev=_num(values, "energy", bad),
+        scan_width_cm=_num(values, "scan_width", bad),
+        fault_code=_code(values, "fault_code", bad),
+        bad_values=tuple(bad),
     )
 
 
@@ -63,7 +87,8 @@ def cnv_view(values: Values, rmap: RegisterMap, *, ok: bool) -> CnvView:
     """The conveyor's decoded values as the controller sees them."""
     if not ok:
         return CnvView(ok=False)
-    s = _bits(values, rmap, "status")
+    bad: list[str] = []
+    s = _bits(values, rmap, "status", bad)
     return CnvView(
         ok=True,
         ready=s["READY"],
@@ -74,8 +99,9 @@ def cnv_view(values: Values, rmap: RegisterMap, *, ok: bool) -> CnvView:
         fault=s["FAULT"],
         watchdog_trip=s["WATCHDOG_TRIP"],
         estop=s["ESTOP"],
-        speed_m_min=_num(values, "speed"),
-        fault_code=int(_num(values, "fault_code")),
+        speed_m_min=_num(values, "speed", bad),
+        fault_code=_code(values, "fault_code", bad),
+        bad_values=tuple(bad),
     )
 
 
@@ -160,7 +186,7 @@ def plc_clock_modulus_ms(rmap: RegisterMap) -> float:
     if "clock" not in rmap.fields:
         return float(2**32)
     f = rmap.field("clock")
-    scale_to_ms = {"ms": 1.0, "s": 1000.0}.get(f.unit)
+    scale_to_ms = _CLOCK_TO_MS.get(f.unit)
     if scale_to_ms is None:
         raise ConfigError(f"{rmap.plc} map: clock unit {f.unit!r} is not one of ['ms', 's']")
     return counter_modulus(f) * scale_to_ms

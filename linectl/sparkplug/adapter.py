@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -59,6 +60,10 @@ from linectl.sparkplug.node import (
 from linectl.telemetry import iso_to_ms
 
 log = logging.getLogger("linectl.sparkplug")
+
+
+MAX_PENDING_COMMANDS = 16
+"""Commands waiting for the line at once; more are refused ("busy")."""
 
 
 class LineSource(Protocol):
@@ -265,6 +270,10 @@ class SparkplugEdge:
         self._host_online = asyncio.Event()
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()  # builds and publishes happen in seq order
+        # Commands run one at a time, in arrival order (asyncio.Lock is FIFO), and a
+        # burst beyond MAX_PENDING_COMMANDS is refused rather than queued without bound.
+        self._cmd_lock = asyncio.Lock()
+        self._cmd_pending = 0
         self._backlog: deque[tuple[str, list[MetreRecord], int]] = deque()
         self._backlog_metres = 0
         self._max_backlog = max_backlog
@@ -399,6 +408,8 @@ class SparkplugEdge:
             tls_params=tls,
             tls_insecure=b.tls.insecure if b.tls is not None else None,
             timeout=10.0,
+            # No Nagle delay on small publishes (see linectl/mqtt.py).
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
 
     async def _session(self, client: aiomqtt.Client) -> str:
@@ -554,6 +565,13 @@ class SparkplugEdge:
             if t.startswith("spBv1.0/STATE/"):
                 self._on_state(data)
                 continue
+            if message.retain and ("/NCMD/" in t or "/DCMD/" in t):
+                # A retained command would act again on every reconnect, long after the
+                # operator sent it: refused, as on the JSON command topics.
+                self.stats.commands += 1
+                log.warning("sparkplug: retained command on %s refused", t)
+                self._audit_refusal("retained command", t)
+                continue
             for event in self.node.command(t, data):
                 if isinstance(event, Rebirth):
                     log.info("sparkplug: rebirth requested")
@@ -562,10 +580,19 @@ class SparkplugEdge:
                         await self._birth(client)
                 elif isinstance(event, Execute):
                     self.stats.commands += 1
+                    if self._cmd_pending >= MAX_PENDING_COMMANDS:
+                        busy = CommandResult(
+                            False, "busy: too many commands pending", event.command.name.value
+                        )
+                        self._audit_refusal(busy.reason, t)
+                        await self._answer(client, busy)
+                        continue
+                    self._cmd_pending += 1
                     tg.create_task(self._execute(client, event.command))
                 elif isinstance(event, Refuse):
                     self.stats.commands += 1
                     log.warning("sparkplug: command refused: %s", event.result.reason)
+                    self._audit_refusal(event.result.reason, t, event.result.command)
                     await self._answer(client, event.result)
                 else:
                     log.info("sparkplug: %s", event.why)
@@ -585,7 +612,20 @@ class SparkplugEdge:
             self._host_online.clear()
             raise _HostOfflineError
 
+    def _audit_refusal(self, reason: str, topic: str, command: str = "") -> None:
+        """Every command is audited, also one that never became a Command."""
+        audit = getattr(self.source, "audit_command_error", None)
+        if audit is not None:
+            audit(self.node.sender, command or "sparkplug_command", reason, {"topic": topic})
+
     async def _execute(self, client: aiomqtt.Client, cmd: Command) -> None:
+        async with self._cmd_lock:
+            try:
+                await self._execute_one(client, cmd)
+            finally:
+                self._cmd_pending -= 1
+
+    async def _execute_one(self, client: aiomqtt.Client, cmd: Command) -> None:
         try:
             result = await self.source.execute(cmd)
         except LocalError as exc:

@@ -527,7 +527,7 @@ class EdgeNode:
         for what, ident in (("group_id", self.group_id), ("edge_node_id", self.edge_node_id)):
             if not _ID_RE.match(ident):
                 raise ConfigError(f"sparkplug {what} {ident!r} is empty or has + / or #")
-        if not _SENDER_RE.match(self.sender):
+        if not _SENDER_RE.fullmatch(self.sender):
             raise ConfigError(
                 f"sparkplug command sender {self.sender!r} must match {_SENDER_RE.pattern}"
             )
