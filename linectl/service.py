@@ -597,7 +597,11 @@ class LineService:
             self._store_error = None
         self._operator_requests()
         self._take_commands()
-        position = self.ledger.position_m if self.ledger else None
+        position = None
+        if self.ledger is not None and self.ledger.position_m is not None:
+            # The planned end waits out any position uncertainty, so that every product
+            # metre's verdict window has left the last pass before the line stops.
+            position = self.ledger.position_m - self.ledger.position_uncertainty_m
         out = self.ctl.step(t_s, acc, cnv, position)
         await self._write(out, acc_ok=acc.ok, cnv_ok=cnv.ok)
         self._events()
@@ -835,6 +839,7 @@ class LineService:
             "position_m": self.ledger.position_m,
             "length_counter_m": self._last_sample_length_m,
             "next_metre": self.ledger.next_metre,
+            "uncertainty_m": self.ledger.position_uncertainty_m,
             "wall": self.wall(),
         }
         self._last_ckpt_t = t_s
@@ -933,7 +938,12 @@ class LineService:
             log.warning("reel %s: metres %d..%d unproven (controller down)", reel_id, first, upto)
             self._submit(lambda s: s.mark_unproven(reel_id, first, upto, "controller down", wall))
         self.ledger = self._new_ledger()
-        self.ledger.start(sample, position_m=position, next_metre=max(first, upto + 1))
+        self.ledger.start(
+            sample,
+            position_m=position,
+            next_metre=max(first, upto + 1),
+            uncertainty_m=float(ckpt.get("uncertainty_m", 0.0)) if ckpt else 0.0,
+        )
         self._save([], self.clock())
 
     # ------------------------------------------------------------------ shutdown

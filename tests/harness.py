@@ -120,7 +120,10 @@ class ClosedLoop:
         cnv_vals = decode_inputs(cmap, self.plant.input_registers("conveyor"))
         acc = acc_view(acc_vals, amap, ok=self.acc_link_up)
         cnv = cnv_view(cnv_vals, cmap, ok=self.cnv_link_up)
-        pos = self.ledger.position_m if self.ledger else None
+        pos = None
+        if self.ledger is not None and self.ledger.position_m is not None:
+            # As the service does: the planned end waits out any position uncertainty.
+            pos = self.ledger.position_m - self.ledger.position_uncertainty_m
         out = self.ctl.step(self.t_s, acc, cnv, pos)
         transitions, alarms = self.ctl.take_events()
         self.transitions += transitions

@@ -233,3 +233,36 @@ def test_sample_jitter_does_not_change_the_dose(seed: int, current_ma: float) ->
     assert recs
     for r in recs:
         assert r.dose_kgy == pytest.approx(analytic_dose(current_ma, 40.0), rel=1e-6)
+
+
+def test_length_counter_reset_makes_later_verdicts_cover_the_position_uncertainty() -> None:
+    """After a length-counter reset the ledger cannot know how far the cable moved; its
+    estimate may be metres off for the rest of the reel. A dose dip after it must then
+    count against every metre it may really lie in, never leave a short metre in spec."""
+    geom = Geometry(passes=1, pass_spacing_m=1.0, first_pass_offset_m=2.0)
+    ledger = DoseLedger(geom, RECIPE, charge_modulus_uc=Q_MOD, length_modulus_m=L_MOD)
+    ledger.start(LedgerSample(0.0, 0.0, 0.0, 100.0))
+    current_ma = 120.0 * 6.0 * 100.0 / RECIPE.k_dose  # 120 kGy at 6 m/min, one pass
+    recs, q, _length, t = run(ledger, current_ma=current_ma, speed_m_min=6.0, seconds=60.0)
+    # The conveyor PLC restarts: its length counter comes back at another value. Truly
+    # the cable moved 2.0 m meanwhile (beam off); the ledger sees no speed to go by.
+    t += 1.0
+    recs += ledger.update(LedgerSample(t, q, 500.0, 100.0))
+    assert ledger.position_uncertainty_m > 2.0
+    more, q, length, t = run(
+        ledger, current_ma=current_ma, speed_m_min=6.0, seconds=20.0, q0=q, l0=500.0, t0=t
+    )
+    recs += more
+    # A 2 s beam trip at 6 m/min: 0.2 m without dose, truly in metre 10 (6 + 2 + 2 m).
+    more, q, length, t = run(
+        ledger, current_ma=0.0, speed_m_min=6.0, seconds=2.0, q0=q, l0=length, t0=t
+    )
+    recs += more
+    more, q, length, t = run(
+        ledger, current_ma=current_ma, speed_m_min=6.0, seconds=120.0, q0=q, l0=length, t0=t
+    )
+    recs += more
+    by_index = {r.index: r for r in recs}
+    assert by_index[10].verdict is not Verdict.IN_SPEC  # the truly short metre
+    assert by_index[8].verdict is not Verdict.IN_SPEC  # where the ledger put the dip
+    assert any(e.kind == "position_uncertain" for e in ledger.events)

@@ -140,6 +140,11 @@ class DoseLedger:
         # Cable coordinate at the counter (L - L0, unwrapped); None before start().
         self._pos_m: float | None = None
         self._next_metre = 0  # the lowest metre not yet final
+        # After a length-counter reset the cable moved an unknown distance in [0, worst];
+        # the estimate is off by at most this much, so every later metre's verdict takes
+        # the worst bin within this distance either side (position uncertainty).
+        self._uncertainty_m = 0.0
+        self._uncertain_from = 0  # the first metre the uncertainty applies to
         self.events: list[IntervalEvent] = []
         self.charge_total_uc = 0.0  # charge accounted to this reel
 
@@ -151,20 +156,36 @@ class DoseLedger:
         return self._pos_m
 
     @property
+    def position_uncertainty_m(self) -> float:
+        """How far the reel coordinate may be off the cable (0 unless a length-counter
+        reset made the motion during it unknown)."""
+        return self._uncertainty_m
+
+    @property
     def next_metre(self) -> int:
         """Index of the first metre that is not final yet."""
         return self._next_metre
 
-    def start(self, sample: LedgerSample, *, position_m: float = 0.0, next_metre: int = 0) -> None:
+    def start(
+        self,
+        sample: LedgerSample,
+        *,
+        position_m: float = 0.0,
+        next_metre: int = 0,
+        uncertainty_m: float = 0.0,
+    ) -> None:
         """Begin the reel: coordinate 0 is the cable at the counter now (L0).
 
-        A restarted controller resumes with the reel coordinate now at the counter and
-        the first metre it has not recorded; it has marked the ones it could not see.
+        A restarted controller resumes with the reel coordinate now at the counter, the
+        first metre it has not recorded (it has marked the ones it could not see), and
+        the position uncertainty the checkpoint carried.
         """
         if sample.length_m is None or sample.charge_uc is None:
             raise ValueError("a reel can start only on GOOD length and charge readings")
         self._pos_m = position_m
         self._next_metre = next_metre
+        self._uncertainty_m = uncertainty_m
+        self._uncertain_from = next_metre
         self._last = sample
 
     # ------------------------------------------------------------------ update
@@ -223,6 +244,19 @@ class DoseLedger:
             )
             self._mark_unproven(self._pos_m, self._pos_m + worst_m)
             self._pos_m += estimate_m
+            # The estimate may be off by up to this much, for the rest of the reel: a dose
+            # dip (an arc) after it could otherwise land on the wrong metre and a short
+            # metre be recorded in spec (found by the soak benchmark).
+            if self._uncertainty_m == 0.0:
+                self._uncertain_from = self._next_metre
+            self._uncertainty_m += max(estimate_m, worst_m - estimate_m)
+            self.events.append(
+                IntervalEvent(
+                    sample.t_s,
+                    "position_uncertain",
+                    f"reel position now uncertain by +/- {self._uncertainty_m:.2f} m",
+                )
+            )
             self._last = sample
             return self._finalise()
         a_m = self._pos_m
@@ -276,7 +310,7 @@ class DoseLedger:
         for i in range(self._next_metre, last_full):
             out.append(self._verdict(i, incomplete=True))
         self._next_metre = max(self._next_metre, last_full)
-        self._drop_below(self._next_metre)
+        self._drop_below(self._next_metre - self._window_metres())
         return out
 
     # ------------------------------------------------------------------ internals
@@ -328,7 +362,8 @@ class DoseLedger:
     def _finalise(self) -> list[MetreRecord]:
         assert self._pos_m is not None
         # Metre i is final when its end (i + 1) has left the last pass.
-        past_last_m = self._pos_m - self._offsets_m[-1]
+        # With a position uncertainty, only once the window around it has left too.
+        past_last_m = self._pos_m - self._offsets_m[-1] - self._uncertainty_m
         limit = math.floor(past_last_m + 1e-9)
         if self.planned_length_m is not None:
             limit = min(limit, math.floor(self.planned_length_m + 1e-9))
@@ -337,17 +372,26 @@ class DoseLedger:
             out.append(self._verdict(self._next_metre, incomplete=False))
             self._next_metre += 1
         if out:
-            self._drop_below(self._next_metre)
+            self._drop_below(self._next_metre - self._window_metres())
         return out
+
+    def _window_metres(self) -> int:
+        return math.ceil(self._uncertainty_m) + 1 if self._uncertainty_m > 0 else 0
 
     def _verdict(self, i: int, *, incomplete: bool) -> MetreRecord:
         n = self._bins_per_m
         r = self.resolution_m
         doses = [self._bins.dose_len.get(i * n + j, 0.0) / r for j in range(n)]
+        mean = sum(doses) / n  # the best estimate of this metre's dose
+        # The verdict: every bin this metre may really be, within the position
+        # uncertainty either side (none: its own bins).
+        k = math.ceil(self._uncertainty_m / r) if i >= self._uncertain_from else 0
+        window = range(i * n - k, (i + 1) * n + k)
+        if k:
+            doses = [self._bins.dose_len.get(j, 0.0) / r for j in window]
         flags = 0
-        for j in range(n):
-            flags |= self._bins.flags.get(i * n + j, 0)
-        mean = sum(doses) / n
+        for j in window:
+            flags |= self._bins.flags.get(j, 0)
         lo, hi = min(doses), max(doses)
         causes = []
         if incomplete:
