@@ -64,8 +64,10 @@ from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the compact line is the tests'
+sys.path.insert(0, str(ROOT / "bench"))  # the rate parser is control_cycle's
 
 import e2e_scenarios as sc  # noqa: E402
+from control_cycle import parse_rates  # noqa: E402
 
 from linectl import codec  # noqa: E402
 from linectl.config import LineConfig, LoadedConfig, load_config  # noqa: E402
@@ -532,21 +534,6 @@ def print_table(res: dict[str, Any]) -> None:
         "control cycle that saw it; rea: that cycle to the write at the PLC;\n"
         "goal: p99 <= 2 cycles + 10 ms (nearest-rank p99: with 50 trials, the largest)"
     )
-
-
-def parse_rates(text: str) -> list[float]:
-    """ "20,100" -> [20.0, 100.0] (argparse type)."""
-    try:
-        rates = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: rates must be numbers (Hz)") from None
-    if not rates:
-        raise argparse.ArgumentTypeError("no rate given")
-    for r in rates:
-        # LineConfig allows cycle_period_s 0.005 .. 1.0 s.
-        if not 1.0 <= r <= 200.0:
-            raise argparse.ArgumentTypeError(f"rate {r:g} Hz is outside 1..200 Hz")
-    return rates
 
 
 @contextlib.contextmanager

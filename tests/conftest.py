@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import pytest
@@ -50,3 +53,15 @@ async def line(cfg: LoadedConfig) -> AsyncIterator[SimulatedLine]:
 
     async with SimulatedLine(cfg, seed=1) as sim:
         yield sim
+
+
+def load_bench(name: str) -> ModuleType:
+    """A bench/ script as a module (the smoke tests call its main())."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", root / "bench" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.slow
 def test_link_throughput_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "link.json"
-    assert _load("link_throughput").main(["--smoke", "--json", str(out)]) == 0
+    assert load_bench("link_throughput").main(["--smoke", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["blocks_per_poll"] == 2
     assert res["bare_polls_per_s"] > 0
@@ -38,7 +26,7 @@ def test_link_throughput_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str
 @pytest.mark.slow
 def test_dose_accuracy_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "dose.json"
-    assert _load("dose_accuracy").main(["--smoke", "--json", str(out)]) == 0
+    assert load_bench("dose_accuracy").main(["--smoke", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     clean = res["scenarios"]["clean"]
     assert clean["finished"] == 1
@@ -60,7 +48,7 @@ def _needs_mosquitto() -> None:
 def test_telemetry_latency_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _needs_mosquitto()
     out = tmp_path / "latency.json"
-    assert _load("telemetry_latency").main(["--smoke", "--json", str(out)]) == 0
+    assert load_bench("telemetry_latency").main(["--smoke", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["broker"].startswith(("mosquitto", "amqtt"))
     assert res["replay"] is None  # the smoke run has no broker outage
@@ -83,7 +71,7 @@ def test_telemetry_latency_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_store_forward_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _needs_mosquitto()
     out = tmp_path / "store_forward.json"
-    assert _load("store_forward").main(["--smoke", "--json", str(out)]) == 0
+    assert load_bench("store_forward").main(["--smoke", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert set(res["by_kind"]) == {"metres", "reel", "alarm", "audit", "ALL"}
     everything = res["by_kind"]["ALL"]

@@ -3,31 +3,20 @@ rots. Behaviour and the shape of the JSON are asserted, never timings."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.slow
 def test_control_cycle_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cycle.json"
-    assert _load("control_cycle").main(["--smoke", "--json", str(out)]) == 0
+    assert load_bench("control_cycle").main(["--smoke", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     (rate,) = res["rates"]
     assert rate["rate_hz"] == 100
@@ -58,7 +47,7 @@ def test_control_cycle_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_control_cycle_rejects_bad_rates() -> None:
-    mod = _load("control_cycle")
+    mod = load_bench("control_cycle")
     with pytest.raises(SystemExit):
         mod.main(["--rates", "0.5"])
     with pytest.raises(SystemExit):
@@ -73,7 +62,7 @@ def test_control_cycle_period_is_validated(tmp_path: Path) -> None:
 
     from linectl.config import load_config
 
-    mod = _load("control_cycle")
+    mod = load_bench("control_cycle")
     cfg = load_config(sc.compact_config(tmp_path), environ={})
     assert mod.with_period(cfg, 0.01).cycle_period_s == 0.01
     with pytest.raises(ValueError, match="acc_lost_hold_s"):
@@ -83,7 +72,7 @@ def test_control_cycle_period_is_validated(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_interlock_latency_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "interlock.json"
-    assert _load("interlock_latency").main(["--smoke", "--json", str(out)]) == 0
+    assert load_bench("interlock_latency").main(["--smoke", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     results = res["results"]
     # Both simulator set-ups: the child process over its pipes, and in this loop.

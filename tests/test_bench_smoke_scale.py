@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.slow
@@ -28,7 +16,7 @@ def test_scale_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     out, png = tmp_path / "scale.json", tmp_path / "scale.png"
     # --keep-going: a busy test machine must not make the run skip N=2.
     args = ["--smoke", "--keep-going", "--json", str(out), "--plot", str(png)]
-    assert _load("scale").main([*args, "--workdir", str(tmp_path / "work")]) == 0
+    assert load_bench("scale").main([*args, "--workdir", str(tmp_path / "work")]) == 0
     res = json.loads(out.read_text())
     points = {(p["deployment"], p["lines"]): p for p in res["points"]}
     assert set(points) == {(d, n) for d in ("per-process", "in-process") for n in (1, 2)}
@@ -65,7 +53,7 @@ def test_scale_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_scale_bucket_quantile_and_fit() -> None:
-    bench = _load("scale")
+    bench = load_bench("scale")
     inf = float("inf")
 
     def scr(counts: dict[float, float]) -> object:
