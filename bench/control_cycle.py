@@ -57,8 +57,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the compact line is the tests'
+sys.path.insert(0, str(ROOT / "bench"))  # benchlib
 
 import e2e_scenarios as sc  # noqa: E402
+from benchlib import pct  # noqa: E402
 
 from linectl.config import LineConfig, LoadedConfig, Recipe, load_config  # noqa: E402
 from linectl.core.control import LineState  # noqa: E402
@@ -184,13 +186,7 @@ def with_period(cfg: LoadedConfig, period_s: float) -> LineConfig:
 
 def speed_limit_m_min(cfg: LoadedConfig, recipe: Recipe) -> float:
     """The steady line speed: what the recipe's maximum beam current allows."""
-    return min(
-        recipe.speed_max_m_min,
-        recipe.k_dose
-        * cfg.line.geometry.weight_sum
-        * recipe.beam_current_max_ma
-        / (recipe.scan_width_cm * recipe.target_dose_kgy),
-    )
+    return recipe.max_speed_m_min(cfg.line.geometry.weight_sum)
 
 
 @dataclass
@@ -287,14 +283,6 @@ async def session(rate_hz: float, seconds: float, workdir: Path, seed: int) -> d
 
 
 # ---------------------------------------------------------------------- figures
-
-
-def pct(xs: list[float], q: float) -> float:
-    """The q-th percentile (nearest rank) of xs; NaN when empty."""
-    a = sorted(xs)
-    if not a:
-        return math.nan
-    return a[min(len(a) - 1, max(0, math.ceil(q / 100.0 * len(a)) - 1))]
 
 
 def _ms(x: float) -> float | None:

@@ -33,18 +33,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the scenario matrix is shared with the tests
+sys.path.insert(0, str(ROOT / "bench"))  # benchlib
 
 import e2e_scenarios as sc  # noqa: E402
+from benchlib import pct  # noqa: E402
 
 from linectl.config import load_config  # noqa: E402
-
-
-def pct(xs: list[float], q: float) -> float:
-    """The q-th percentile (nearest rank) of |xs|."""
-    a = sorted(abs(x) for x in xs)
-    if not a:
-        return math.nan
-    return a[min(len(a) - 1, max(0, math.ceil(q / 100.0 * len(a)) - 1))]
 
 
 def summarise(results: list[sc.Result]) -> dict[str, Any]:
@@ -59,8 +53,8 @@ def summarise(results: list[sc.Result]) -> dict[str, Any]:
         "metres_with_dose": len(errs),
         "unproven": sum(r.verdicts.get("unproven", 0) for r in results),
         "rms_pct": math.sqrt(sum(e * e for e in errs) / len(errs)) if errs else math.nan,
-        "p99_pct": pct(errs, 99),
-        "max_pct": pct(errs, 100),
+        "p99_pct": pct([abs(e) for e in errs], 99),
+        "max_pct": pct([abs(e) for e in errs], 100),
         "false_accepts": sum(len(r.false_accepts) for r in results),
         "false_rejects": sum(len(r.false_rejects) for r in results),
         "burns": sum(r.burns for r in results),

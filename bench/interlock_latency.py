@@ -67,6 +67,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the compact line is the tests'
 sys.path.insert(0, str(ROOT / "bench"))  # the rate parser is control_cycle's
 
 import e2e_scenarios as sc  # noqa: E402
+from benchlib import pct  # noqa: E402
 from control_cycle import parse_rates  # noqa: E402
 
 from linectl import codec  # noqa: E402
@@ -454,14 +455,6 @@ async def _wait(
 
 
 # ---------------------------------------------------------------------- figures
-
-
-def pct(xs: list[float], q: float) -> float:
-    """The q-th percentile (nearest rank) of xs; NaN when empty."""
-    a = sorted(xs)
-    if not a:
-        return math.nan
-    return a[min(len(a) - 1, max(0, math.ceil(q / 100.0 * len(a)) - 1))]
 
 
 def _ms(x: float) -> float | None:

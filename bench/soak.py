@@ -62,22 +62,24 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the broker and the compact line are the tests'
+sys.path.insert(0, str(ROOT / "bench"))  # the subscriber is telemetry_latency's
 
 import e2e_scenarios as sc  # noqa: E402
+import telemetry_latency as tl  # noqa: E402
 from broker import TestBroker, mosquitto_binary  # noqa: E402
 
-from linectl.config import LoadedConfig, Recipe, load_config  # noqa: E402
+from linectl.config import Recipe  # noqa: E402
 from linectl.core.control import LineState  # noqa: E402
 from linectl.core.ledger import Verdict  # noqa: E402
 from linectl.daemon import run_with_bridge  # noqa: E402
 from linectl.mqtt import CONSUMER, MqttBridge  # noqa: E402
-from linectl.service import LineService, ReelRequest, select_recipe  # noqa: E402
+from linectl.service import LineService, ReelRequest  # noqa: E402
 from linectl.store import RecordStore  # noqa: E402
 from linectl.telemetry import Topics  # noqa: E402
 from simulators.server import SimulatedLine  # noqa: E402
@@ -96,120 +98,59 @@ OUTLIER_PCT = 0.5
 RSS_TOLERANCE_MB = 8.0
 """RSS: allocator arenas and SQLite's page cache settle within a few MB of their peak."""
 
-SUBSCRIBER = r"""
-import json, sys
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
-host, port, topic, client_id = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-out = sys.stdout
-
-def emit(line):
-    out.write(line + "\n")
-    out.flush()
-
-def on_connect(c, userdata, flags, rc, props):
-    if rc.is_failure:
-        emit(f"E {rc}")
-        return
-    emit(f"C {int(flags.session_present)}")
-    c.subscribe(topic, qos=1)
-
-def on_subscribe(c, userdata, mid, rcs, props):
-    emit("S")
-
-def on_disconnect(c, userdata, flags, rc, props):
-    emit(f"D {rc}")
-
-def on_message(c, userdata, m):
-    try:
-        seq = int(json.loads(m.payload)["seq"])
-    except Exception as exc:
-        emit(f"X {m.topic} {exc!r}")
-        return
-    emit(f"M {seq} {m.topic.rsplit('/', 1)[-1]}")
-
-c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-c.on_connect, c.on_subscribe = on_connect, on_subscribe
-c.on_disconnect, c.on_message = on_disconnect, on_message
-props = Properties(PacketTypes.CONNECT)
-props.SessionExpiryInterval = 24 * 3600
-c.reconnect_delay_set(0.05, 0.25)
-c.connect(host, port, keepalive=10, clean_start=False, properties=props)
-c.loop_forever(retry_first_connection=True)
-"""
-
 
 # ---------------------------------------------------------------------- the subscriber
 
 
-@dataclass
-class RecordSubscriber:
-    """The records subscriber in its own process (see SUBSCRIBER): every seq it got."""
+class RecordSubscriber(tl.Subscriber):
+    """telemetry_latency's subscriber (its own process, MQTT 5, persistent session, QoS 1)
+    on the record topics, tallied by the records' `seq`."""
 
-    host: str
-    port: int
-    topic: str
-    client_id: str
-    seqs: Counter[int] = field(default_factory=Counter)
-    kinds: Counter[str] = field(default_factory=Counter)
-    connects: int = 0
-    sessions_resumed: int = 0
-    bad: list[str] = field(default_factory=list)
-    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
-    _proc: asyncio.subprocess.Process | None = None
-    _reader: asyncio.Task[None] | None = None
+    def __init__(self, host: str, port: int, topic: str, client_id: str) -> None:
+        super().__init__(host, port, topic, client_id, qos=1, persistent=True)
+        self._seqs: Counter[int] = Counter()
+        self._kinds: Counter[str] = Counter()
+        self._bad: list[str] = []
+        self._seen = 0  # messages tallied so far
 
-    async def start(self, timeout_s: float = 15.0) -> None:
-        """Start the process; return once it has subscribed."""
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            SUBSCRIBER,
-            self.host,
-            str(self.port),
-            self.topic,
-            self.client_id,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        self._reader = asyncio.create_task(self._read(), name="soak-subscriber")
-        try:
-            await asyncio.wait_for(self.subscribed.wait(), timeout_s)
-        except TimeoutError:
-            await self.stop()
-            raise TimeoutError(f"subscriber did not subscribe to {self.topic}") from None
-
-    async def _read(self) -> None:
-        assert self._proc is not None
-        assert self._proc.stdout is not None
-        while line := await self._proc.stdout.readline():
-            kind, _, rest = line.decode().rstrip("\n").partition(" ")
-            if kind == "M":
-                seq, _, topic_kind = rest.partition(" ")
-                self.seqs[int(seq)] += 1
-                self.kinds[topic_kind] += 1
-            elif kind == "C":
-                self.connects += 1
-                self.sessions_resumed += rest == "1"
-            elif kind == "S":
-                self.subscribed.set()
-            elif kind in ("X", "E"):
-                self.bad.append(rest)
-
-    async def stop(self) -> None:
-        """End the process (it has nothing to flush)."""
-        if self._proc is not None and self._proc.returncode is None:
-            self._proc.terminate()
+    def _tally(self) -> None:
+        for m in self.messages[self._seen :]:
             try:
-                await asyncio.wait_for(self._proc.wait(), 5.0)
-            except TimeoutError:
-                self._proc.kill()
-                await self._proc.wait()
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(self._reader, 5.0)
+                seq = int(json.loads(m.payload)["seq"])
+            except (ValueError, KeyError, TypeError) as exc:
+                self._bad.append(f"{m.topic} {exc!r}")
+                continue
+            self._seqs[seq] += 1
+            self._kinds[m.topic.rsplit("/", 1)[-1]] += 1
+        self._seen = len(self.messages)
+
+    @property
+    def seqs(self) -> Counter[int]:
+        """How often each record seq arrived."""
+        self._tally()
+        return self._seqs
+
+    @property
+    def kinds(self) -> Counter[str]:
+        """Records by topic kind (metres, reel, alarm, audit)."""
+        self._tally()
+        return self._kinds
+
+    @property
+    def bad(self) -> list[str]:
+        """Messages without a usable seq, and failed connects."""
+        self._tally()
+        return self._bad + [d for k, _t, d in self.events if k == "E"]
+
+    @property
+    def connects(self) -> int:
+        """Sessions the subscriber opened."""
+        return sum(k == "C" for k, _t, _d in self.events)
+
+    @property
+    def sessions_resumed(self) -> int:
+        """Of those, how many found their persistent session on the broker."""
+        return sum(k == "C" and d == "1" for k, _t, d in self.events)
 
 
 # ---------------------------------------------------------------------- probes
@@ -278,26 +219,6 @@ class LogWatch(logging.Handler):
 
 
 # ---------------------------------------------------------------------- the line
-
-
-def line_config(workdir: Path, broker: TestBroker) -> tuple[LoadedConfig, Recipe, Path]:
-    """The compact test line with `[mqtt]` enabled on the soak's broker."""
-    cfg = load_config(sc.compact_config(workdir), environ={})
-    mqtt = cfg.line.mqtt.model_copy(
-        update={"enabled": True, "host": broker.host, "port": broker.port}
-    )
-    cfg.line = cfg.line.model_copy(update={"mqtt": mqtt})
-    recipe, path = select_recipe(cfg, None)
-    return cfg, recipe, path
-
-
-def find_bridge(svc: LineService) -> MqttBridge:
-    """The bridge run_with_bridge made for `svc` (hooked as an observer)."""
-    for obs in svc.observers:
-        owner = getattr(obs, "__self__", None)
-        if isinstance(owner, MqttBridge):
-            return owner
-    raise RuntimeError("no MQTT bridge among the service's observers: is [mqtt] enabled?")
 
 
 @dataclass
@@ -507,7 +428,7 @@ class Soak:
     async def _run(self, opts: Options) -> dict[str, Any]:
         broker = TestBroker(self.workdir / "broker", persistence=True)
         await broker.start()
-        cfg, recipe, recipe_path = line_config(self.workdir, broker)
+        cfg, recipe, recipe_path = tl.line_config(self.workdir, broker)
         topics = Topics.for_line(cfg.line.mqtt.topic_prefix, cfg.line.line_id)
         sub = RecordSubscriber(
             broker.host, broker.port, f"{topics.base}/records/#", f"soak-records-{os.getpid()}"
@@ -621,7 +542,7 @@ class Soak:
         svc = ctx.svc
         self._t0 = time.monotonic()
         await sc.wait_for(lambda: find_bridge_or_none(svc) is not None, 30.0, "the bridge")
-        self._bridge = find_bridge(svc)
+        self._bridge = tl.find_bridge(svc)
         end = self._t0 + self.opts.minutes * 60.0
         helpers = [
             asyncio.create_task(self._operator(ctx, end), name="soak-operator"),
@@ -899,7 +820,7 @@ class Soak:
 def find_bridge_or_none(svc: LineService) -> MqttBridge | None:
     """The bridge, or None before run_with_bridge has made it."""
     try:
-        return find_bridge(svc)
+        return tl.find_bridge(svc)
     except RuntimeError:
         return None
 

@@ -56,8 +56,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the broker and the compact line are the tests'
+sys.path.insert(0, str(ROOT / "bench"))  # benchlib
 
 import e2e_scenarios as sc  # noqa: E402
+from benchlib import pct  # noqa: E402
 from broker import TestBroker  # noqa: E402
 
 from linectl.config import LoadedConfig, Recipe, load_config  # noqa: E402
@@ -228,14 +230,8 @@ def line_config(workdir: Path, broker: TestBroker) -> tuple[LoadedConfig, Recipe
 
 
 def speed_limit_m_min(cfg: LoadedConfig, recipe: Recipe) -> float:
-    """The line speed the recipe's maximum beam current allows (the steady speed)."""
-    return min(
-        recipe.speed_max_m_min,
-        recipe.k_dose
-        * cfg.line.geometry.weight_sum
-        * recipe.beam_current_max_ma
-        / (recipe.scan_width_cm * recipe.target_dose_kgy),
-    )
+    """The steady line speed: what the recipe's maximum beam current allows."""
+    return recipe.max_speed_m_min(cfg.line.geometry.weight_sum)
 
 
 def find_bridge(svc: LineService) -> MqttBridge:
@@ -309,14 +305,6 @@ class CycleWatch:
 
 
 # ---------------------------------------------------------------------- figures
-
-
-def pct(xs: list[float], q: float) -> float:
-    """The q-th percentile (nearest rank) of xs; NaN when empty."""
-    a = sorted(xs)
-    if not a:
-        return math.nan
-    return a[min(len(a) - 1, max(0, math.ceil(q / 100.0 * len(a)) - 1))]
 
 
 def latencies(messages: list[Message], t0_ms: float, t1_ms: float) -> tuple[list[float], int]:

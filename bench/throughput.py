@@ -69,13 +69,7 @@ def one_reel(seed: int, length_m: float, *, compact: bool) -> dict[str, Any]:
             break
     if not loop.finished or first_on is None or last_off is None:
         raise RuntimeError(f"seed {seed}: the reel did not finish ({loop.ctl.state})")
-    limit = (
-        recipe.k_dose
-        * geom.weight_sum
-        * recipe.beam_current_max_ma
-        / (recipe.scan_width_cm * recipe.target_dose_kgy)
-    )
-    limit = min(limit, recipe.speed_max_m_min)
+    limit = recipe.max_speed_m_min(geom.weight_sum)
     top = sorted(speeds)[len(speeds) // 2 :]
     steady = statistics.median(top)
     span = geom.last_pass_offset_m - geom.first_pass_offset_m

@@ -220,12 +220,7 @@ async def run_scenario(sc: Scenario, workdir: Path, timeout_s: float = 150.0) ->
     res = Result(sc.name)
     cfg = load_config(compact_config(workdir), environ={})  # copytree makes workdir
     recipe, path = select_recipe(cfg, None)
-    res.speed_limit_m_min = (
-        recipe.k_dose
-        * cfg.line.geometry.weight_sum
-        * recipe.beam_current_max_ma
-        / (recipe.scan_width_cm * recipe.target_dose_kgy)
-    )
+    res.speed_limit_m_min = recipe.max_speed_m_min(cfg.line.geometry.weight_sum)
     async with SimulatedLine(cfg, seed=sc.seed, k_dose_true=TRUE_K, **sc.sim_kwargs) as sim:
         svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))
         svc.on_reel_start.append(lambda _r, counter_m: sim.plant.start_reel(counter_m))
