@@ -160,7 +160,8 @@ async def run_with_bridge(
         metrics.bind_mqtt(_MqttMetrics(bridge))
         tasks.append((bridge, asyncio.create_task(bridge.run(), name="linectl-mqtt")))
     if cfg.line.sparkplug.enabled:
-        outbox = RecordStore(service.store_path)
+        # Opening may wait on the database lock: never on the event loop.
+        outbox = await asyncio.to_thread(RecordStore, service.store_path)
         edge = SparkplugEdge.from_config(cfg, service, status=service.line_status, outbox=outbox)
         tasks.append((edge, asyncio.create_task(edge.run(), name="linectl-sparkplug")))
     try:
@@ -175,7 +176,7 @@ async def run_with_bridge(
             except TimeoutError:
                 log.warning("%s did not stop in time; abandoning it", type(adapter).__name__)
         if outbox is not None:
-            outbox.close()
+            await asyncio.to_thread(outbox.close)
         if server is not None:
             server.close()
 
