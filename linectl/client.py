@@ -36,6 +36,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from linectl.aio import cancellable, entered
 from linectl.commands import CommandError, CommandName, CommandResult, parse_command
 from linectl.config import LoadedConfig
 from linectl.errors import LocalError, RemoteError
@@ -697,7 +698,7 @@ class LineClient:
         for i, protocol in enumerate(self.protocols):
             client = self._make(protocol)
             try:
-                await client.__aenter__()
+                await entered(client).__aenter__()
             except MqttConnectError as exc:
                 code = _code(exc.rc)
                 if code in _UNSUPPORTED_PROTOCOL and i + 1 < len(self.protocols):
@@ -719,7 +720,7 @@ class LineClient:
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(aiomqtt.MqttError):
-                await client.__aexit__(None, None, None)
+                await entered(client).__aexit__(None, None, None)
 
     @property
     def client(self) -> aiomqtt.Client:
@@ -733,7 +734,9 @@ class LineClient:
         raises BrokerError naming it when `required`, else is left out."""
         took = []
         for topic in topics:
-            granted = await self.client.subscribe(topic, qos=1, timeout=self.connect_timeout_s)
+            granted = await cancellable(
+                self.client.subscribe(topic, qos=1, timeout=self.connect_timeout_s)
+            )
             codes = [_code(g) for g in granted]
             if all(c is not None and c < 128 for c in codes):
                 took.append(topic)
@@ -792,7 +795,9 @@ class LineClient:
             props.ResponseTopic = response_topic
             props.CorrelationData = correlation
         cmd_topic = t.cmd(name.value, s.sender)
-        await self.client.publish(cmd_topic, payload, qos=1, retain=False, properties=props)
+        await cancellable(
+            self.client.publish(cmd_topic, payload, qos=1, retain=False, properties=props)
+        )
         self.sent = True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 import aiomqtt
 
+from linectl.aio import stop_task
 from linectl.config import default_config_dir, load_config
 from linectl.errors import LocalError
 from linectl.metrics import LineMetrics
@@ -171,10 +172,11 @@ async def run_with_bridge(
             adapter.stop()
         flush_s = 3 * bridge.flush_s + 5.0 if bridge is not None else 5.0
         for adapter, task in tasks:
-            try:
-                await asyncio.wait_for(task, flush_s)
-            except TimeoutError:
-                log.warning("%s did not stop in time; abandoning it", type(adapter).__name__)
+            # Stopped adapters flush and leave on their own; one that does not is
+            # cancelled (again, if a cancellation is lost: see linectl.aio).
+            ended = await stop_task(task, grace_s=flush_s)
+            if ended and not task.cancelled() and task.exception() is not None:
+                log.error("%s failed: %r", type(adapter).__name__, task.exception())
         if outbox is not None:
             await asyncio.to_thread(outbox.close)
         if server is not None:

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 
 import aiomqtt
 
+from linectl.aio import stop_task
 from linectl.config import LoadedConfig, MqttConfig, Recipe, default_config_dir, load_config
 from linectl.core.ledger import Verdict
 from linectl.daemon import run_with_bridge
@@ -128,8 +129,10 @@ async def _embedded_broker(out: TextIO) -> AsyncIterator[tuple[str, int]]:
     try:
         yield "127.0.0.1", port
     finally:
+        # Bounded: a stuck broker shutdown must not keep the demo from its report.
         with contextlib.suppress(Exception):
-            await broker.shutdown()
+            async with asyncio.timeout(5.0):
+                await broker.shutdown()
 
 
 @dataclass
@@ -206,7 +209,8 @@ async def _run_demo(
     if cfg.line.mqtt.enabled:
         ready = asyncio.Event()
         viewer = asyncio.create_task(_subscribe(cfg.line.mqtt, cfg.line.line_id, got, ready))
-        await asyncio.wait_for(ready.wait(), 10.0)
+        async with asyncio.timeout(10.0):
+            await ready.wait()
     # Loaded by name: the simulators are a separate package the controller never needs.
     sim: Any = importlib.import_module("simulators.server")
     async with sim.SimulatedLine(
@@ -252,9 +256,7 @@ async def _run_demo(
         line.plant.truth.write(args.out / "truth.json")
     if viewer is not None:
         await asyncio.sleep(0.5)  # the last records and "offline" in flight
-        viewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await viewer
+        await stop_task(viewer, grace_s=0.0)
     out.write(f"\n\nran {elapsed:.0f} s\n\n")
     with RecordStore(db) as store:
         started = any(r.reel_id == reel_id for r in store.reels())

@@ -33,6 +33,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from linectl.aio import cancellable, entered
 from linectl.commands import Command, CommandError, CommandResult, nak, parse_command
 from linectl.config import MqttConfig
 from linectl.store import OutboxRow, RecordStore
@@ -268,7 +269,8 @@ class MqttBridge:
                 if self._stopping.is_set():
                     break
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), backoff_s)
+                    async with asyncio.timeout(backoff_s):
+                        await self._stopping.wait()
                 backoff_s = min(backoff_s * 2, self.cfg.reconnect_max_s)
         finally:
             store, self._store = self._store, None
@@ -329,12 +331,12 @@ class MqttBridge:
     async def _connect_and_serve(self) -> None:
         store = await self._open_store()
         client = self._client()
-        async with client:
+        async with entered(client):
             self.stats.connected = True
             self.stats.connects += 1
             log.info("MQTT connected to %s:%s", self.cfg.host, self.cfg.port)
             session_seq = await asyncio.to_thread(store.outbox_last_seq)
-            await client.subscribe(self.topics.cmd_filter, qos=1)
+            await cancellable(client.subscribe(self.topics.cmd_filter, qos=1))
             await self._publish(client, self.topics.status, self._status(True), qos=1, retain=True)
             await self._publish(
                 client, self.topics.schema, encode(schema_document()), qos=1, retain=True
@@ -394,7 +396,9 @@ class MqttBridge:
         retain: bool,
         properties: Properties | None = None,
     ) -> None:
-        await client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        await cancellable(
+            client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        )
         self.stats.published += 1
 
     # ------------------------------------------------------------------ live and state

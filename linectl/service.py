@@ -297,7 +297,8 @@ class LineService:
             return self._refuse(cmd, str(exc))
         self._commands.append(pending)
         try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(pending.future)
         except TimeoutError:
             if pending.future.done():
                 return pending.future.result()

@@ -187,7 +187,8 @@ async def run(args: argparse.Namespace) -> int:
                 await stop.wait()
             else:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), args.duration)
+                    async with asyncio.timeout(args.duration):
+                        await stop.wait()
         finally:
             for t in tasks:
                 t.cancel()

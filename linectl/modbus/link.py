@@ -27,6 +27,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
+from linectl.aio import cancellable
 from linectl.codec import decode
 from linectl.config import PlcEndpoint, PlcName, RegisterField, RegisterMap
 from linectl.errors import (
@@ -376,7 +377,7 @@ class PlcLink:
         ok = False
         try:
             async with asyncio.timeout(ep.connect_timeout_s):
-                ok = await client.connect()
+                ok = await cancellable(client.connect())
         except TimeoutError:
             why = f"connect to {ep.host}:{ep.port} timed out after {ep.connect_timeout_s} s"
         except (OSError, ModbusException) as exc:
@@ -455,7 +456,7 @@ class PlcLink:
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(self.endpoint.timeout_s):
-                pdu = await call(client)
+                pdu = await cancellable(call(client))
         except (TimeoutError, ModbusIOException) as exc:
             # ModbusIOException is pymodbus's own "no response" (its timer, not ours).
             if self._client is not client:  # the PLC closed the socket meanwhile

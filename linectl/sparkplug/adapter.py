@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 import aiomqtt
 
+from linectl.aio import cancellable, entered
 from linectl.commands import Command, CommandResult
 from linectl.config import LoadedConfig, MqttTls
 from linectl.core.ledger import MetreRecord, Verdict
@@ -369,7 +370,8 @@ class SparkplugEdge:
             outcome = "lost"
             will_topic, will_payload = self.node.death(self.wall_ms())
             try:
-                async with self._client(aiomqtt.Will(will_topic, will_payload, 1, False)) as c:
+                will = aiomqtt.Will(will_topic, will_payload, 1, False)
+                async with entered(self._client(will)) as c:
                     advance = True
                     backoff_s = 0.1
                     self.stats.connects += 1
@@ -386,7 +388,8 @@ class SparkplugEdge:
             if self._stop.is_set():
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), backoff_s)
+                async with asyncio.timeout(backoff_s):
+                    await self._stop.wait()
             backoff_s = min(backoff_s * 2, self.broker.reconnect_max_s)
 
     def _client(self, will: aiomqtt.Will) -> aiomqtt.Client:
@@ -416,12 +419,12 @@ class SparkplugEdge:
         """Runs one connection: 'stop', 'host_offline', or raises MqttError (lost)."""
         node = self.node
         base = (node.group_id, node.edge_node_id)
-        await client.subscribe(topic(base[0], "NCMD", base[1]), qos=1)
-        await client.subscribe(f"spBv1.0/{base[0]}/DCMD/{base[1]}/+", qos=1)
+        await cancellable(client.subscribe(topic(base[0], "NCMD", base[1]), qos=1))
+        await cancellable(client.subscribe(f"spBv1.0/{base[0]}/DCMD/{base[1]}/+", qos=1))
         if self._watch is not None:
             self._watch.reset()
             self._host_online.clear()
-            await client.subscribe(state_topic(self._watch.host_id), qos=1)
+            await cancellable(client.subscribe(state_topic(self._watch.host_id), qos=1))
         outcome = "lost"
         lost: list[Exception] = []
         try:
@@ -454,7 +457,7 @@ class SparkplugEdge:
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             async with self._lock:
                 t, payload = self.node.death(self.wall_ms())
-                await client.publish(t, payload, qos=1, timeout=2.0)
+                await cancellable(client.publish(t, payload, qos=1, timeout=2.0))
 
     # ------------------------------------------------------------------ publishing
 
@@ -468,7 +471,7 @@ class SparkplugEdge:
 
     async def _send(self, client: aiomqtt.Client, msgs: list[Message]) -> None:
         for t, payload in msgs:
-            await client.publish(t, payload, qos=0, retain=False)
+            await cancellable(client.publish(t, payload, qos=0, retain=False))
 
     async def _birth(self, client: aiomqtt.Client) -> None:
         async with self._lock:
