@@ -8,13 +8,19 @@ stopped by a TaskGroup or by the daemon's shutdown could miss its one cancellati
 keep running, and whoever waited for it waited forever (seen: a Sparkplug edge node that
 never stopped, in 3 of 12 runs of its broker tests with the other core busy).
 
-The task still counts the request (``Task.cancelling()``), but only a change in that
-count means anything: 3.11's TaskGroup leaves its parent's count one too high when a
-child fails after the group's body has ended. So the rules are:
+The task still counts the request (``Task.cancelling()``), but 3.11's TaskGroup leaves
+its parent's count one too high when a child fails after the group's body has ended (it
+checks whether to take its request back before it waits for the children). A count left
+high breaks ``asyncio.timeout`` in that task on 3.11.0 to 3.11.2, which raise
+CancelledError instead of TimeoutError when the count is not zero: the MQTT bridge's
+reconnect back-off then ended the bridge for good after its first broker outage (seen in
+the docker-compose stack, whose Debian Python is 3.11.2). So the rules are:
 
 - every await on aiomqtt or pymodbus goes through :func:`cancellable` (or
   :class:`entered` for their ``async with``), which raises the cancellation the library
   dropped if the count went up while it waited;
+- TaskGroups are opened with :func:`task_group`, which takes back the request the group
+  left behind;
 - whoever stops a task uses :func:`stop_task`, which cancels again until the task ends;
 - linectl's own code never calls ``asyncio.wait_for`` (ruff's banned-api rule enforces
   it) and uses ``asyncio.timeout``, which is correct on 3.11.
@@ -23,8 +29,9 @@ child fails after the group's body has ended. So the rules are:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -80,6 +87,27 @@ class entered(Generic[T]):  # noqa: N801 (used like a function: `async with ente
         suppress = await self._cm.__aexit__(exc_type, exc, tb)
         _raise_if_requested_since(before)
         return suppress
+
+
+@contextlib.asynccontextmanager
+async def task_group() -> AsyncIterator[asyncio.TaskGroup]:
+    """``asyncio.TaskGroup()`` that leaves its parent's cancellation count as it found it.
+
+    When a child fails, the group cancels its parent once to wake it; on 3.11 it forgets
+    to take that back if the body had already ended. Only that one request is taken back
+    (on the way out with the group's errors), so a cancellation from outside still
+    counts."""
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    try:
+        async with asyncio.TaskGroup() as tg:
+            yield tg
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        if task is not None and task.cancelling() > before:
+            task.uncancel()
+        raise
 
 
 async def stop_task(

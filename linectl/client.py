@@ -36,7 +36,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from linectl.aio import cancellable, entered
+from linectl.aio import cancellable, entered, task_group
 from linectl.commands import CommandError, CommandName, CommandResult, parse_command
 from linectl.config import LoadedConfig
 from linectl.errors import LocalError, RemoteError
@@ -992,7 +992,7 @@ async def watch(
         if scr is None:
             await follow()
             return
-        async with asyncio.TaskGroup() as tg:
+        async with task_group() as tg:
             tg.create_task(follow(), name="watch-follow")
             tg.create_task(ticker(), name="watch-screen")
 

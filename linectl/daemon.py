@@ -12,7 +12,7 @@ import logging
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import aiomqtt
 
@@ -135,6 +135,30 @@ class _MqttMetrics:
         return self.bridge.stats.published
 
 
+class _Adapter(Protocol):
+    async def run(self) -> None: ...
+
+
+async def _keep_running(adapter: _Adapter, name: str, stopping: asyncio.Event) -> None:
+    """An adapter's run() returns only after stop(). If it ends before that (a bug, or
+    an asyncio quirk: linectl.aio), say so and start it again: telemetry must never die
+    silently while the line runs."""
+    while True:
+        try:
+            await adapter.run()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if stopping.is_set() or (task is not None and task.cancelling()):
+                raise  # asked to stop
+            log.error("%s ended with a stray cancellation", name, exc_info=True)
+        except Exception:
+            log.exception("%s failed", name)
+        if stopping.is_set():
+            return
+        log.error("%s stopped on its own while the line runs; starting it again in 1 s", name)
+        await asyncio.sleep(1.0)
+
+
 async def run_with_bridge(
     service: LineService, *, exit_when_done: bool, metrics_port: int | None = None
 ) -> None:
@@ -157,17 +181,21 @@ async def run_with_bridge(
     bridge = mqtt_bridge(service)
     tasks: list[tuple[Any, asyncio.Task[None]]] = []
     outbox: RecordStore | None = None
+    stopping = asyncio.Event()
     if bridge is not None:
         metrics.bind_mqtt(_MqttMetrics(bridge))
-        tasks.append((bridge, asyncio.create_task(bridge.run(), name="linectl-mqtt")))
+        run = _keep_running(bridge, "MQTT bridge", stopping)
+        tasks.append((bridge, asyncio.create_task(run, name="linectl-mqtt")))
     if cfg.line.sparkplug.enabled:
         # Opening may wait on the database lock: never on the event loop.
         outbox = await asyncio.to_thread(RecordStore, service.store_path)
         edge = SparkplugEdge.from_config(cfg, service, status=service.line_status, outbox=outbox)
-        tasks.append((edge, asyncio.create_task(edge.run(), name="linectl-sparkplug")))
+        run = _keep_running(edge, "Sparkplug edge node", stopping)
+        tasks.append((edge, asyncio.create_task(run, name="linectl-sparkplug")))
     try:
         await service.run(exit_when_done=exit_when_done)
     finally:
+        stopping.set()
         for adapter, _task in tasks:
             adapter.stop()
         flush_s = 3 * bridge.flush_s + 5.0 if bridge is not None else 5.0

@@ -33,7 +33,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from linectl.aio import cancellable, entered
+from linectl.aio import cancellable, entered, task_group
 from linectl.commands import Command, CommandError, CommandResult, nak, parse_command
 from linectl.config import MqttConfig
 from linectl.store import OutboxRow, RecordStore
@@ -352,7 +352,7 @@ class MqttBridge:
                 self._state_ready.set()
             self.connected.set()
             try:
-                async with asyncio.TaskGroup() as tg:
+                async with task_group() as tg:
                     tg.create_task(self._commands(client), name="mqtt-commands")
                     tg.create_task(self._live(client), name="mqtt-live")
                     tg.create_task(self._states(client), name="mqtt-state")

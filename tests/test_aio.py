@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from linectl.aio import cancellable, entered, stop_task
+from linectl.aio import cancellable, entered, stop_task, task_group
 
 
 async def _race(
@@ -102,6 +102,42 @@ async def test_cancellable_ignores_the_count_a_failed_taskgroup_leaves_behind() 
     assert task.cancelling() == 1  # 3.11 never takes back its request to the parent
     await cancellable(asyncio.sleep(0))  # no new request: no CancelledError
     task.uncancel()
+
+
+async def test_task_group_leaves_the_count_as_it_found_it() -> None:
+    # The MQTT bridge's loop: a session (a task group) ends when a child fails after
+    # the body has ended, then the loop backs off under asyncio.timeout. With the count
+    # left high, Python 3.11.0 to 3.11.2 raise CancelledError out of that timeout, and
+    # the bridge ended for good after its first broker outage.
+    async def fail_later() -> None:
+        await asyncio.sleep(0.01)
+        raise ValueError("connection lost")
+
+    task = asyncio.current_task()
+    assert task is not None
+    for _ in range(3):
+        with pytest.raises(ExceptionGroup):
+            async with task_group() as tg:
+                tg.create_task(fail_later())
+        assert task.cancelling() == 0
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(1.0)
+
+
+async def test_task_group_keeps_a_cancellation_from_outside() -> None:
+    started = asyncio.Event()
+
+    async def session() -> None:
+        async with task_group() as tg:
+            tg.create_task(asyncio.sleep(10))
+            started.set()
+
+    task = asyncio.create_task(session())
+    await started.wait()
+    task.cancel()
+    await asyncio.wait({task}, timeout=2.0)
+    assert task.cancelled()
 
 
 async def test_entered_raises_a_cancellation_the_enter_dropped_and_exits() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import urllib.request
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from broker import running_broker
 from e2e_scenarios import TRUE_K, compact_config, endpoints
 
 from linectl.config import load_config
-from linectl.daemon import run_with_bridge
+from linectl.daemon import _keep_running, run_with_bridge
 from linectl.service import LineService, ReelRequest, select_recipe
 from linectl.sparkplug import sparkplug_b_pb2 as spb
 from simulators.server import SimulatedLine
@@ -104,3 +105,53 @@ async def test_run_wires_metrics_mqtt_and_sparkplug(tmp_path: Path) -> None:
     death.ParseFromString(sp_msgs[-1][1])
     bdseq = {m.name: m.long_value for m in birth.metrics if m.name == "bdSeq"}
     assert bdseq == {m.name: m.long_value for m in death.metrics if m.name == "bdSeq"}
+
+
+class _FlakyAdapter:
+    """Ends on its own twice (a stray cancellation, then an exception), then runs until
+    stopped, as an adapter hit by the 3.11 quirks of linectl.aio would."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.stopped = asyncio.Event()
+
+    async def run(self) -> None:
+        self.runs += 1
+        if self.runs == 1:
+            raise asyncio.CancelledError
+        if self.runs == 2:
+            raise RuntimeError("session bug")
+        await self.stopped.wait()
+
+
+async def test_an_adapter_that_ends_on_its_own_is_started_again(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(asyncio, "sleep", lambda _s: real_sleep(0))  # no 1 s back-off here
+    adapter, stopping = _FlakyAdapter(), asyncio.Event()
+    with caplog.at_level(logging.ERROR, logger="linectl"):
+        task = asyncio.create_task(_keep_running(adapter, "MQTT bridge", stopping))
+        for _ in range(200):
+            if adapter.runs == 3:
+                break
+            await real_sleep(0.005)
+        assert adapter.runs == 3
+        assert not task.done()
+        stopping.set()
+        adapter.stopped.set()
+        await asyncio.wait_for(task, 2.0)
+    assert "MQTT bridge ended with a stray cancellation" in caplog.text
+    assert "MQTT bridge failed" in caplog.text
+    assert caplog.text.count("stopped on its own while the line runs") == 2
+
+
+async def test_keep_running_stops_when_cancelled() -> None:
+    adapter, stopping = _FlakyAdapter(), asyncio.Event()
+    adapter.runs = 2  # the next run waits until stopped
+    task = asyncio.create_task(_keep_running(adapter, "MQTT bridge", stopping))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.wait({task}, timeout=2.0)
+    assert task.cancelled()
+    assert adapter.runs == 3

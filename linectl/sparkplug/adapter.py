@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 import aiomqtt
 
-from linectl.aio import cancellable, entered
+from linectl.aio import cancellable, entered, task_group
 from linectl.commands import Command, CommandResult
 from linectl.config import LoadedConfig, MqttTls
 from linectl.core.ledger import MetreRecord, Verdict
@@ -428,7 +428,7 @@ class SparkplugEdge:
         outcome = "lost"
         lost: list[Exception] = []
         try:
-            async with asyncio.TaskGroup() as tg:
+            async with task_group() as tg:
                 tg.create_task(self._receive(client, tg), name="sparkplug-receive")
                 tg.create_task(self._publish_loop(client), name="sparkplug-publish")
                 tg.create_task(self._until_stopped(), name="sparkplug-stop")
