@@ -779,6 +779,13 @@ def load_config(directory: Path | str, environ: Mapping[str, str] | None = None)
     """Load line.toml and both register maps from a directory; ConfigError on any fault."""
     directory = Path(directory)
     line_path = directory / "line.toml"
+    if not directory.is_dir():
+        # The default, ./config, exists only in a checkout: say how to point elsewhere.
+        raise ConfigError(
+            f"{directory}: no such configuration directory (give --config DIR or set "
+            f"LINECTL_CONFIG_DIR; the reference configuration is config/ in linectl's "
+            f"source tree)"
+        )
     data = read_toml(line_path)
     overrides = apply_env_overrides(data, os.environ if environ is None else environ)
     try:

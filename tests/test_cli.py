@@ -66,7 +66,7 @@ def test_config_check_missing_dir_exit_2(
 ) -> None:
     assert main(["config", "check", str(tmp_path / "nope")]) == 2
     captured = capsys.readouterr()
-    assert "line.toml: file not found" in captured.err
+    assert "nope: no such configuration directory (give --config DIR" in captured.err
     assert "Traceback" not in captured.err
     assert captured.out == ""
 

@@ -356,9 +356,14 @@ def test_register_map_for_the_wrong_plc() -> None:
     assert str(conveyor_map) in str(info.value)
 
 
-def test_missing_directory_names_line_toml(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"line\.toml: file not found"):
+def test_missing_directory_says_how_to_give_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nowhere: no such configuration directory"):
         load_config(tmp_path / "nowhere", environ=NO_ENV)
+
+
+def test_directory_without_line_toml_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"line\.toml: file not found"):
+        load_config(tmp_path, environ=NO_ENV)
 
 
 def test_both_plcs_on_one_endpoint() -> None:
