@@ -111,35 +111,31 @@ class RecordSubscriber(tl.Subscriber):
         self._seqs: Counter[int] = Counter()
         self._kinds: Counter[str] = Counter()
         self._bad: list[str] = []
-        self._seen = 0  # messages tallied so far
 
-    def _tally(self) -> None:
-        for m in self.messages[self._seen :]:
-            try:
-                seq = int(json.loads(m.payload)["seq"])
-            except (ValueError, KeyError, TypeError) as exc:
-                self._bad.append(f"{m.topic} {exc!r}")
-                continue
-            self._seqs[seq] += 1
-            self._kinds[m.topic.rsplit("/", 1)[-1]] += 1
-        self._seen = len(self.messages)
+    def _received(self, m: tl.Message) -> None:
+        # Tallied at once and not kept: an hour of record payloads held here would count
+        # as the service's memory growth, since both share this process.
+        try:
+            seq = int(json.loads(m.payload)["seq"])
+        except (ValueError, KeyError, TypeError) as exc:
+            self._bad.append(f"{m.topic} {exc!r}")
+            return
+        self._seqs[seq] += 1
+        self._kinds[m.topic.rsplit("/", 1)[-1]] += 1
 
     @property
     def seqs(self) -> Counter[int]:
         """How often each record seq arrived."""
-        self._tally()
         return self._seqs
 
     @property
     def kinds(self) -> Counter[str]:
         """Records by topic kind (metres, reel, alarm, audit)."""
-        self._tally()
         return self._kinds
 
     @property
     def bad(self) -> list[str]:
         """Messages without a usable seq, and failed connects."""
-        self._tally()
         return self._bad + [d for k, _t, d in self.events if k == "E"]
 
     @property

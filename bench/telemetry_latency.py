@@ -176,6 +176,9 @@ class Subscriber:
             await self.stop()
             raise TimeoutError(f"subscriber did not subscribe to {self.topic}") from None
 
+    def _received(self, m: Message) -> None:
+        self.messages.append(m)
+
     async def _read(self) -> None:
         assert self._proc is not None
         assert self._proc.stdout is not None
@@ -185,7 +188,7 @@ class Subscriber:
             if kind == "M":
                 ns, retain, tail = rest.split(" ", 2)
                 topic, _, payload = tail.partition("\t")
-                self.messages.append(Message(int(ns) / 1e6, retain == "1", topic, payload))
+                self._received(Message(int(ns) / 1e6, retain == "1", topic, payload))
                 continue
             ns, _, detail = rest.partition(" ")
             self.events.append((kind, int(ns) / 1e6, detail))
