@@ -502,6 +502,18 @@ class SparkplugEdge:
             if historical:
                 self.stats.records_historical += len(records)
 
+    async def _start_cursor(self, outbox: Outbox) -> None:
+        """Where this consumer's outbox reading starts, found once, before the first
+        birth: a record committed after a host saw the births is always sent."""
+        if self._cursor is not None:
+            return
+        cursor = await asyncio.to_thread(outbox.outbox_cursor, OUTBOX_CONSUMER)
+        if cursor == 0:
+            # A new consumer starts from now, not from the store's whole history.
+            cursor = await asyncio.to_thread(outbox.outbox_last_seq)
+            await asyncio.to_thread(outbox.advance_outbox_cursor, OUTBOX_CONSUMER, cursor)
+        self._cursor = cursor
+
     async def _flush_outbox(self, client: aiomqtt.Client, outbox: Outbox) -> None:
         """Metre records from the store's outbox after our cursor, then the cursor on.
 
@@ -509,13 +521,8 @@ class SparkplugEdge:
         moves once the messages are handed to the connection. A record in flight when
         the connection drops is lost to Sparkplug (it stays in the store, and the JSON
         publisher delivers records at least once)."""
-        if self._cursor is None:
-            cursor = await asyncio.to_thread(outbox.outbox_cursor, OUTBOX_CONSUMER)
-            if cursor == 0:
-                # A new consumer starts from now, not from the store's whole history.
-                cursor = await asyncio.to_thread(outbox.outbox_last_seq)
-                await asyncio.to_thread(outbox.advance_outbox_cursor, OUTBOX_CONSUMER, cursor)
-            self._cursor = cursor
+        await self._start_cursor(outbox)
+        assert self._cursor is not None
         while True:
             rows = await asyncio.to_thread(outbox.outbox_after, self._cursor, 100)
             if not rows:
@@ -542,6 +549,8 @@ class SparkplugEdge:
     async def _publish_loop(self, client: aiomqtt.Client) -> None:
         if self._watch is not None:
             await self._host_online.wait()
+        if self.outbox is not None:
+            await self._start_cursor(self.outbox)
         await self._birth(client)
         while True:
             await self._flush_records(client)
