@@ -89,6 +89,15 @@ class entered(Generic[T]):  # noqa: N801 (used like a function: `async with ente
         return suppress
 
 
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for ``event`` at most ``timeout_s``; True if it was set (a back-off that a
+    stop request cuts short)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    return event.is_set()
+
+
 @contextlib.asynccontextmanager
 async def task_group() -> AsyncIterator[asyncio.TaskGroup]:
     """``asyncio.TaskGroup()`` that leaves its parent's cancellation count as it found it.
@@ -98,7 +107,7 @@ async def task_group() -> AsyncIterator[asyncio.TaskGroup]:
     (on the way out with the group's errors), so a cancellation from outside still
     counts."""
     task = asyncio.current_task()
-    before = task.cancelling() if task is not None else 0
+    before = _requests()
     try:
         async with asyncio.TaskGroup() as tg:
             yield tg

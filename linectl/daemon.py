@@ -199,12 +199,11 @@ async def run_with_bridge(
         for adapter, _task in tasks:
             adapter.stop()
         flush_s = 3 * bridge.flush_s + 5.0 if bridge is not None else 5.0
-        for adapter, task in tasks:
+        for _adapter, task in tasks:
             # Stopped adapters flush and leave on their own; one that does not is
-            # cancelled (again, if a cancellation is lost: see linectl.aio).
-            ended = await stop_task(task, grace_s=flush_s)
-            if ended and not task.cancelled() and task.exception() is not None:
-                log.error("%s failed: %r", type(adapter).__name__, task.exception())
+            # cancelled (again, if a cancellation is lost: see linectl.aio). Failures
+            # were logged by _keep_running, which never ends with an exception.
+            await stop_task(task, grace_s=flush_s)
         if outbox is not None:
             await asyncio.to_thread(outbox.close)
         if server is not None:

@@ -33,7 +33,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from linectl.aio import cancellable, entered, task_group
+from linectl.aio import cancellable, entered, task_group, wait_event
 from linectl.commands import Command, CommandError, CommandResult, nak, parse_command
 from linectl.config import MqttConfig
 from linectl.store import OutboxRow, RecordStore
@@ -268,9 +268,7 @@ class MqttBridge:
                     self._lost(repr(exc))
                 if self._stopping.is_set():
                     break
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(backoff_s):
-                        await self._stopping.wait()
+                await wait_event(self._stopping, backoff_s)
                 backoff_s = min(backoff_s * 2, self.cfg.reconnect_max_s)
         finally:
             store, self._store = self._store, None

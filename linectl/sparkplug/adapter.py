@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 import aiomqtt
 
-from linectl.aio import cancellable, entered, task_group
+from linectl.aio import cancellable, entered, task_group, wait_event
 from linectl.commands import Command, CommandResult
 from linectl.config import LoadedConfig, MqttTls
 from linectl.core.ledger import MetreRecord, Verdict
@@ -387,9 +387,7 @@ class SparkplugEdge:
                 self.node.end_session()
             if self._stop.is_set():
                 break
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff_s):
-                    await self._stop.wait()
+            await wait_event(self._stop, backoff_s)
             backoff_s = min(backoff_s * 2, self.broker.reconnect_max_s)
 
     def _client(self, will: aiomqtt.Will) -> aiomqtt.Client:
@@ -502,17 +500,18 @@ class SparkplugEdge:
             if historical:
                 self.stats.records_historical += len(records)
 
-    async def _start_cursor(self, outbox: Outbox) -> None:
+    async def _start_cursor(self, outbox: Outbox) -> int:
         """Where this consumer's outbox reading starts, found once, before the first
         birth: a record committed after a host saw the births is always sent."""
         if self._cursor is not None:
-            return
+            return self._cursor
         cursor = await asyncio.to_thread(outbox.outbox_cursor, OUTBOX_CONSUMER)
         if cursor == 0:
             # A new consumer starts from now, not from the store's whole history.
             cursor = await asyncio.to_thread(outbox.outbox_last_seq)
             await asyncio.to_thread(outbox.advance_outbox_cursor, OUTBOX_CONSUMER, cursor)
         self._cursor = cursor
+        return cursor
 
     async def _flush_outbox(self, client: aiomqtt.Client, outbox: Outbox) -> None:
         """Metre records from the store's outbox after our cursor, then the cursor on.
@@ -521,8 +520,7 @@ class SparkplugEdge:
         moves once the messages are handed to the connection. A record in flight when
         the connection drops is lost to Sparkplug (it stays in the store, and the JSON
         publisher delivers records at least once)."""
-        await self._start_cursor(outbox)
-        assert self._cursor is not None
+        self._cursor = await self._start_cursor(outbox)
         while True:
             rows = await asyncio.to_thread(outbox.outbox_after, self._cursor, 100)
             if not rows:
