@@ -27,6 +27,7 @@ the explicit @example cases are the failing inputs they found.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import math
@@ -248,8 +249,12 @@ def _named_paths(d: Path, target: str, docs: Mapping[str, Any]) -> list[str]:
     """Files whose name an error about `target` may rightly carry."""
     names = [str(d / target)]
     if target == "line.toml":
+        line_doc = docs["line.toml"]
+        # A splice may land inside a register_map string: the file on disk is the truth.
+        with contextlib.suppress(OSError, ValueError):
+            line_doc = tomllib.loads((d / target).read_bytes().decode("utf-8"))
         for plc in ("accelerator", "conveyor"):
-            section = docs["line.toml"].get(plc)
+            section = line_doc.get(plc)
             rm = section.get("register_map") if isinstance(section, dict) else None
             if isinstance(rm, str):
                 p = Path(rm) if rm.startswith("/") else d / rm
