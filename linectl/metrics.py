@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from linectl.config import LoadedConfig, MetricsConfig, RegisterMap
-from linectl.core.control import Alarm, LineState, Outputs
+from linectl.core.control import ALARM_KINDS, Alarm, LineState, Outputs
 from linectl.core.ledger import MetreRecord, Verdict
 from linectl.errors import ConfigError, LocalError
 
@@ -561,6 +561,10 @@ class LineMetrics:
             ["line", "kind"],
             registry=reg,
         )
+        # Every kind at 0 from the start, as the causes above: increase() then sees the
+        # first trip of a kind, which a series that appears at 1 would hide.
+        for kind in ALARM_KINDS:
+            self.interlock_trips.labels(line, kind)
         self.alarms_active = Gauge(
             "linectl_alarms_active", "Latched alarms (held until reset).", ["line"], registry=reg
         ).labels(line)

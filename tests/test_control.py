@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from linectl.config import ControlTuning, Geometry, Recipe, load_config
 from linectl.core.control import (
+    ALARM_KINDS,
     AccView,
     Alarm,
     CnvView,
@@ -787,3 +788,17 @@ def test_random_views_never_beam_on_a_standing_or_unknown_line(
     assert all(refusals), "a refusal must say why"
     for t in rig.transitions:
         assert t.cause.strip()
+
+
+def test_alarm_kinds_are_the_documented_ones() -> None:
+    # docs/control.md's interlock table names every kind the controller can raise (the
+    # metrics export each one at 0; mypy keeps the raising code to this list).
+    text = (ROOT / "docs" / "control.md").read_text(encoding="utf-8")
+    table = text[text.index("| alarm kind |") :].split("\n\n", 1)[0]
+    documented = {
+        kind
+        for row in table.splitlines()[2:]
+        for kind in re.findall(r"`([a-z_]+)`", row.split("|")[1])
+    }
+    assert documented == set(ALARM_KINDS)
+    assert len(ALARM_KINDS) == len(set(ALARM_KINDS))

@@ -31,7 +31,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from linectl.config import LoadedConfig, MetricsConfig, RegisterField, load_config
-from linectl.core.control import Alarm, LineState, Outputs
+from linectl.core.control import ALARM_KINDS, Alarm, LineState, Outputs
 from linectl.core.ledger import MetreRecord, Verdict
 from linectl.errors import ConfigError, LocalError
 from linectl.metrics import (
@@ -363,7 +363,10 @@ def test_interlock_trips_by_kind(svc: FakeService, metrics: LineMetrics) -> None
             hook(Alarm(kind, "test", 1.0))
     assert value(metrics, "linectl_interlock_trips_total", kind="estop") == 2
     assert value(metrics, "linectl_interlock_trips_total", kind="vacuum") == 1
-    assert value(metrics, "linectl_interlock_trips_total", kind="cooling") is None
+    # Every kind the controller can raise is there from the start, at 0.
+    assert value(metrics, "linectl_interlock_trips_total", kind="cooling") == 0
+    for kind in ALARM_KINDS:
+        assert value(metrics, "linectl_interlock_trips_total", kind=kind) is not None, kind
 
 
 def test_mqtt_absent_until_bound_then_read_at_scrape(metrics: LineMetrics) -> None:
@@ -757,18 +760,31 @@ def alert_rule_tests() -> list[dict[str, Any]]:
             ],
         },
         {  # vacuum: tripped before Prometheus had history, again at 25 min;
-            # estop: the first trip of its kind at 12 min
+            # estop: the first trip of its kind at 12 min (every kind is exported at 0);
+            # l2 restarted at 20 min and tripped on cooling before its first scrape
             "input_series": [
                 up,
                 _s("linectl_up", "1x140", line="l1"),
                 _s("linectl_interlock_trips_total", "2x100 3x40", line="l1", kind="vacuum"),
-                _s("linectl_interlock_trips_total", "_x48 1x90", line="l1", kind="estop"),
+                _s("linectl_interlock_trips_total", "0x48 1x90", line="l1", kind="estop"),
+                _s("linectl_interlock_trips_total", "0x79 _ 1x60", line="l2", kind="cooling"),
             ],
             "checks": [
                 _firing("LinectlInterlockTrip", "2m"),  # no alert for old trips
                 _firing("LinectlInterlockTrip", "13m", {**warn, **_src(line="l1", kind="estop")}),
-                _firing("LinectlInterlockTrip", "23m"),
-                _firing("LinectlInterlockTrip", "26m", {**warn, **_src(line="l1", kind="vacuum")}),
+                _firing(
+                    "LinectlInterlockTrip",
+                    "21m",
+                    {**warn, **_src(line="l2", kind="cooling")},
+                    {**warn, **_src(line="l1", kind="estop")},  # still in its 10 min
+                ),
+                _firing(
+                    "LinectlInterlockTrip",
+                    "26m",
+                    {**warn, **_src(line="l2", kind="cooling")},
+                    {**warn, **_src(line="l1", kind="vacuum")},
+                ),
+                _firing("LinectlInterlockTrip", "40m"),  # 10 min windows passed
             ],
         },
         {

@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 from linectl.config import ControlTuning, Geometry, Recipe
 
@@ -88,7 +89,39 @@ class CnvView:
     """Register-map fields whose value was not a finite number (views.cnv_view)."""
 
 
-def _not_finite(plc: str, view: AccView | CnvView) -> tuple[str, str] | None:
+# Every alarm the controller can raise. A closed list, checked by mypy at every place that
+# raises one: the metrics export each kind at 0 from the start, so that Prometheus's
+# increase() sees the first trip of a kind as well as the later ones.
+AlarmKind = Literal[
+    "accelerator_bad_value",
+    "conveyor_bad_value",
+    "line_stopped_beam_on",
+    "below_min_speed_beam_on",
+    "estop",
+    "cable_break",
+    "conveyor_fault",
+    "accelerator_fault",
+    "safety_chain",
+    "hv_lost",
+    "vacuum",
+    "scan",
+    "cooling",
+    "energy",
+    "conveyor_link",
+    "accelerator_link",
+    "start_timeout",
+    "beam_outage",
+    "records",  # the record store failed (LineService)
+]
+ALARM_KINDS: tuple[AlarmKind, ...] = get_args(AlarmKind)
+
+_BAD_VALUE: dict[str, AlarmKind] = {
+    "accelerator": "accelerator_bad_value",
+    "conveyor": "conveyor_bad_value",
+}
+
+
+def _not_finite(plc: str, view: AccView | CnvView) -> tuple[AlarmKind, str] | None:
     """The trip for a view whose numbers are not all finite, None when they are.
 
     NaN fails every comparison, so without this an energy of NaN never tripped the
@@ -110,7 +143,7 @@ def _not_finite(plc: str, view: AccView | CnvView) -> tuple[str, str] | None:
     names += [n for n, x in numbers.items() if not math.isfinite(x)]
     if not names:
         return None
-    return (f"{plc}_bad_value", f"{plc} reports values that are not numbers: {', '.join(names)}")
+    return (_BAD_VALUE[plc], f"{plc} reports values that are not numbers: {', '.join(names)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +176,7 @@ class Transition:
 class Alarm:
     """A process alarm. Latched alarms hold FAULT until reset."""
 
-    kind: str
+    kind: AlarmKind
     message: str
     t_s: float
     latched: bool = True
@@ -259,7 +292,7 @@ class Controller:
         elif self.state is not LineState.STOPPING:
             raise CommandRefused(f"nothing to stop in state {self.state.value}")
 
-    def raise_alarm(self, t_s: float, kind: str, message: str) -> None:
+    def raise_alarm(self, t_s: float, kind: AlarmKind, message: str) -> None:
         """A latched alarm from outside the control core (the record store failing, say):
         the line goes to FAULT and stays there until reset."""
         self._alarm(t_s, kind, message)
@@ -394,7 +427,7 @@ class Controller:
 
     def _interlocks(self, t_s: float, acc: AccView, cnv: CnvView, out: Outputs) -> Outputs:
         active = self.state in (LineState.STARTING, LineState.RUNNING, LineState.STOPPING)
-        trips: list[tuple[str, str]] = []
+        trips: list[tuple[AlarmKind, str]] = []
         for plc, view in (("accelerator", acc), ("conveyor", cnv)):
             bad = _not_finite(plc, view)
             if bad is not None:
@@ -620,7 +653,7 @@ class Controller:
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def _alarm(self, t_s: float, kind: str, message: str, *, latched: bool = True) -> None:
+    def _alarm(self, t_s: float, kind: AlarmKind, message: str, *, latched: bool = True) -> None:
         if kind in self.alarms:
             return
         a = Alarm(kind, message, t_s, latched)
