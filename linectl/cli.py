@@ -292,8 +292,10 @@ def _add_client_parsers(commands: Any, recipe_cmds: Any) -> None:
 
     reel = commands.add_parser(
         "reel",
-        help="start or stop a reel on the running line",
-        description="Start or stop a reel on the running line (commands start_reel, stop).",
+        help="start, stop or end a reel on the running line",
+        description=(
+            "Start, stop or end a reel on the running line (commands start_reel, stop, end_reel)."
+        ),
         epilog=_CLIENT_EPILOG,
         formatter_class=fmt,
     )
@@ -338,6 +340,28 @@ def _add_client_parsers(commands: Any, recipe_cmds: Any) -> None:
     )
     stop.add_argument("--reason", metavar="TEXT", help="why, for the audit trail")
     stop.set_defaults(handler=_cmd_reel_stop)
+    end = reel_cmds.add_parser(
+        "end",
+        parents=[sender],
+        help="end an unfinished reel short of its length (its cable was cut or scrapped)",
+        description=_wrap(
+            "End the unfinished reel REEL_ID where its cable stands, short of its planned "
+            "length: for a reel that will not be resumed (its cable was cut, scrapped or "
+            "taken off the line). Every metre that has reached the beam and is not final "
+            "yet is recorded unproven (incomplete); cable that never reached the beam is not "
+            "part of the reel. The reel is closed with your identity and --reason, and "
+            "another reel can start. Taken when the line is stopped (READY, IDLE or FAULT) "
+            "with the conveyor at a standstill and the beam off for 1 s, both PLCs "
+            "answering; refused (NAK, exit 3) otherwise."
+        ),
+        epilog=_CLIENT_EPILOG,
+        formatter_class=fmt,
+    )
+    end.add_argument("reel_id", metavar="REEL_ID", help="the unfinished reel (a guard)")
+    end.add_argument(
+        "--reason", required=True, metavar="TEXT", help="why it ends short (kept in its record)"
+    )
+    end.set_defaults(handler=_cmd_reel_end)
 
     alarms = commands.add_parser(
         "alarms",
@@ -642,6 +666,10 @@ def _cmd_reel_start(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_reel_stop(args: argparse.Namespace, out: TextIO) -> int:
     return _send(args, out, CommandName.STOP, {})
+
+
+def _cmd_reel_end(args: argparse.Namespace, out: TextIO) -> int:
+    return _send(args, out, CommandName.END_REEL, {"reel_id": args.reel_id})
 
 
 def _cmd_alarms(args: argparse.Namespace, out: TextIO) -> int:

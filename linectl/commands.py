@@ -37,6 +37,7 @@ class CommandName(enum.StrEnum):
     ACK_ALARM = "ack_alarm"
     RESET = "reset"
     SELECT_RECIPE = "select_recipe"
+    END_REEL = "end_reel"
 
 
 class CommandError(LocalError):
@@ -56,7 +57,7 @@ class Command:
     sender: str
     request_id: str = ""
     reel_id: str | None = None
-    """start_reel: the reel id (used once)."""
+    """start_reel: the reel id (used once); end_reel: the unfinished reel to end."""
     length_m: float | None = None
     """start_reel: planned length, m."""
     operator: str | None = None
@@ -66,7 +67,7 @@ class Command:
     alarm: str | None = None
     """ack_alarm: the alarm kind to acknowledge, or "*" for every unacknowledged alarm."""
     reason: str = ""
-    """Free text from the operator (stop: why), kept in the audit trail."""
+    """Free text from the operator (stop: why; end_reel: required), kept in the audit trail."""
     source: str = "mqtt"
     """The channel it came in on: mqtt, sparkplug, cli."""
 
@@ -137,6 +138,9 @@ _FIELDS: dict[CommandName, tuple[frozenset[str], frozenset[str]]] = {
     CommandName.ACK_ALARM: (frozenset({"alarm"}), frozenset()),
     CommandName.RESET: (frozenset(), frozenset()),
     CommandName.SELECT_RECIPE: (frozenset({"recipe"}), frozenset()),
+    # Naming the reel guards against ending another one than the operator means; the
+    # reason goes into the reel's record as why it ended short.
+    CommandName.END_REEL: (frozenset({"reel_id", "reason"}), frozenset()),
 }
 _COMMON = frozenset({"sender", "request_id", "reason", "command"})
 
@@ -226,6 +230,8 @@ def parse_command(
 
     request_id = _text(obj, "request_id", _ID_RE) if "request_id" in obj else ""
     reason = _text(obj, "reason") if "reason" in obj else ""
+    if cname is CommandName.END_REEL and not reason.strip():
+        raise CommandError("end_reel: reason must say why the reel ends short of its length")
     args: dict[str, Any] = {}
     if "reel_id" in obj:
         args["reel_id"] = _text(obj, "reel_id", _ID_RE)

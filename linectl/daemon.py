@@ -57,7 +57,11 @@ def add_run_parser(commands: Any) -> None:
         action="store_true",
         help="resume the reel an earlier run left unfinished (found in the records)",
     )
-    p.add_argument("--exit-after-reel", action="store_true", help="exit when the reel is complete")
+    p.add_argument(
+        "--exit-after-reel",
+        action="store_true",
+        help="exit when the reel is complete (or an operator has ended it short)",
+    )
     p.set_defaults(handler=run_command, log_info_by_default=True)
 
 

@@ -58,6 +58,9 @@ LEDGER_STATE = "ledger"
 
 COMMAND_TIMEOUT_S = 2.0
 """A command the control cycle has not taken within this is refused (not running)."""
+END_REEL_REST_S = 1.0
+"""How long the cable and the beam must have been at rest before end_reel is taken:
+far longer than the ledger lags the PLCs (the aligner holds a sample a few cycles)."""
 
 
 def unix_ms() -> int:
@@ -189,6 +192,10 @@ class LineService:
         self._alarm_ms: dict[str, int] = {}
         self._unacked: dict[str, int] = {}  # alarm kind -> unacknowledged occurrences
         self._opened_reels: set[str] = set()
+        # Since when the cable and the beam have been seen at rest (conveyor stopped,
+        # beam off, both PLCs answering): end_reel needs the ledger caught up with it.
+        self._at_rest_since_s: float | None = None
+        self._cycle_t_s = 0.0
         self._latched: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------ operator API
@@ -390,10 +397,20 @@ class LineService:
                     self.ctl.request_reset()
                 case CommandName.SELECT_RECIPE:
                     self._cmd_select(p.recipe)
+                case CommandName.END_REEL:
+                    detail.update(self._cmd_end(cmd))
         except CommandRefused as exc:
             return self._refuse(cmd, str(exc))
         log.info("command %s from %s accepted", cmd.name.value, cmd.sender)
-        self._audit(cmd.name.value, {**cmd.detail(), **detail}, accepted=True, actor=cmd.sender)
+        # end_reel has closed its reel by now: its record still gets the command.
+        ended = cmd.reel_id if cmd.name is CommandName.END_REEL else None
+        self._audit(
+            cmd.name.value,
+            {**cmd.detail(), **detail},
+            accepted=True,
+            actor=cmd.sender,
+            reel_id=ended,
+        )
         return CommandResult(True, "", cmd.name.value, cmd.request_id, state, detail)
 
     def _cmd_start(self, cmd: Command, recipe: tuple[Recipe, Path] | None) -> None:
@@ -421,6 +438,63 @@ class LineService:
             raise
         if not resuming:
             self._open_reel(plan)
+
+    def _cmd_end(self, cmd: Command) -> dict[str, Any]:
+        """End the unfinished reel short of its planned length, where its cable stands.
+
+        Without this, a reel whose cable was cut or scrapped would hold the line: no
+        other reel starts while one is open. Every metre that has reached the beam and is
+        not final yet is recorded unproven (incomplete); the reel is closed with the
+        sender and the reason. Taken only with the cable and the beam at rest for
+        END_REEL_REST_S, both PLCs answering: a line that still moves (ramping down in
+        FAULT, say) would carry more cable under the beam after the reel was closed, and
+        the ledger lags the PLCs by a few cycles."""
+        reel = self.ctl.reel
+        if reel is None:
+            raise CommandRefused("no unfinished reel to end")
+        reel_id = reel.plan.reel_id
+        if reel.complete:
+            raise CommandRefused(
+                f"reel {reel_id!r} reached its planned length: it closes once the line stops"
+            )
+        if cmd.reel_id != reel_id:
+            raise CommandRefused(f"the unfinished reel is {reel_id!r}, not {cmd.reel_id!r}")
+        if not cmd.reason.strip():
+            raise CommandRefused("end_reel needs a reason (kept in the reel's record)")
+        state = self.ctl.state
+        if state in (LineState.STARTING, LineState.RUNNING, LineState.STOPPING):
+            raise CommandRefused(f"stop the line first (state {state.value})")
+        if state is LineState.OFFLINE:
+            raise CommandRefused("PLC data not available: where the cable stands is not known")
+        rest_s = 0.0 if self._at_rest_since_s is None else self._cycle_t_s - self._at_rest_since_s
+        if self._at_rest_since_s is None or rest_s < END_REEL_REST_S:
+            raise CommandRefused(
+                "the cable and the beam must be at rest (conveyor stopped, beam off) for "
+                f"{END_REEL_REST_S:g} s first"
+                + ("" if self._at_rest_since_s is None else f" (at rest for {rest_s:.1f} s)")
+            )
+        if reel.started and self.ledger is None:
+            raise CommandRefused(
+                "no length and charge readings for this reel yet: where its cable stands is "
+                "not known"
+            )
+        records: list[MetreRecord] = []
+        if self.ledger is not None:
+            records = self.ledger.end_here()
+            self._save(records, self._cycle_t_s)
+        self.ctl.close_reel()
+        why = f"ended by {cmd.sender}: {cmd.reason}"
+        wall = self.wall()
+        self._submit(lambda s: s.close_reel(reel_id, wall, why))
+        log.warning("reel %s %s; %d metres recorded unproven", reel_id, why, len(records))
+        self.ledger = None
+        self._resume = None
+        self._opened_reels.add(reel_id)
+        if self._reel_request is not None and self._reel_request.reel_id == reel_id:
+            self._reel_request = None
+        if self._exit_when_done:
+            self._stop.set()
+        return {"reel_id": reel_id, "metres_unproven": len(records)}
 
     def _cmd_select(self, recipe: tuple[Recipe, Path] | None) -> None:
         reel = self.ctl.reel
@@ -538,6 +612,7 @@ class LineService:
         )
         self.recipe = recipe
         self.ctl = Controller(recipe, self.cfg.line.geometry, self.tuning)
+        self._opened_reels.add(reel.reel_id)  # its id is taken, whatever becomes of it
         # Without a checkpoint the reel never reached its start (no cable was accounted):
         # it starts afresh when resumed.
         self.ctl.restore_reel(
@@ -591,6 +666,20 @@ class LineService:
         acc_fresh, cnv_fresh = _fresh(acc_snap), _fresh(cnv_snap)
         acc = acc_view(acc_vals, self.cfg.accelerator_map, ok=acc_fresh)
         cnv = cnv_view(cnv_vals, self.cfg.conveyor_map, ok=cnv_fresh)
+
+        self._cycle_t_s = t_s
+        at_rest = (
+            acc.ok
+            and cnv.ok
+            and not cnv.running
+            and cnv.speed_m_min < 0.05
+            and not acc.beam_on
+            and acc.beam_current_ma <= 0.5
+        )
+        if not at_rest:
+            self._at_rest_since_s = None
+        elif self._at_rest_since_s is None:
+            self._at_rest_since_s = t_s
 
         self._reap()  # a failed write raises the records alarm below
         if self._store_error is not None:
@@ -776,9 +865,12 @@ class LineService:
         accepted: bool,
         reason: str = "",
         actor: str = "operator",
+        reel_id: str | None = None,
     ) -> None:
+        """One action for the audit trail, under `reel_id` (default: the current reel)."""
         wall = self.wall()
-        reel_id = self.ctl.reel.plan.reel_id if self.ctl.reel else None
+        if reel_id is None and self.ctl.reel is not None:
+            reel_id = self.ctl.reel.plan.reel_id
         self._submit(
             lambda s: s.audit(wall, actor, action, detail, accepted, reason=reason, reel_id=reel_id)
         )

@@ -794,7 +794,7 @@ async def test_operator_session_on_a_running_line(broker: TestBroker, tmp_path: 
     async with SimulatedLine(cfg, seed=5, k_dose_true=TRUE_K) as sim:
         svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))
         svc.on_reel_start.append(lambda _r, counter_m: sim.plant.start_reel(counter_m))
-        service = asyncio.create_task(run_with_bridge(svc, exit_when_done=False))
+        service = asyncio.create_task(run_with_bridge(svc, exit_when_done=False, metrics_port=0))
         try:
             await wait_for(lambda: svc.ctl.state is LineState.READY, 30.0, "READY")
             await retained(broker, TOPICS.state, lambda p: p["state"] == "ready")
@@ -850,6 +850,16 @@ async def test_operator_session_on_a_running_line(broker: TestBroker, tmp_path: 
             r = await cli("reset", *op)
             assert r.rc == 0, r
             await wait_for(lambda: svc.ctl.state is LineState.READY, 15.0, "READY after reset")
+
+            # R1's cable is cut: end it where it stands, and R2 may start.
+            r = await cli("reel", "end", "R1", *op)
+            assert r.rc == 2, r  # --reason is required: nothing sent
+            r = await cli("reel", "end", "R1", "--reason", "cable cut", *op)
+            assert r.rc == 0, r
+            assert re.fullmatch(
+                r"line1: ACK end_reel \(line ready\); reel_id R1, metres_unproven [1-9]\d*\n", r.out
+            ), r
+            assert svc.interrupted_reel() is None
         finally:
             svc.stop()
             await asyncio.wait_for(service, 30.0)
@@ -866,6 +876,7 @@ async def test_operator_session_on_a_running_line(broker: TestBroker, tmp_path: 
         ("op-1", "ack_alarm", True),
         ("op-1", "ack_alarm", False),
         ("op-1", "reset", True),
+        ("op-1", "end_reel", True),
     ]
     assert events[3].detail["operator"] == "A. Smith"
     assert events[5].detail["reason"] == "end of shift"

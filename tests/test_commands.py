@@ -57,6 +57,14 @@ def test_start_reel() -> None:
     }
 
 
+def test_end_reel_names_the_reel_and_why() -> None:
+    cmd = parse({"reel_id": "R-0042", "reason": "cable cut at 812 m"}, name="end_reel")
+    assert cmd == Command(
+        CommandName.END_REEL, "scada-1", reel_id="R-0042", reason="cable cut at 812 m"
+    )
+    assert cmd.detail() == {"source": "mqtt", "reel_id": "R-0042", "reason": "cable cut at 812 m"}
+
+
 def test_name_and_sender_from_the_payload() -> None:
     cmd = parse({"command": "stop", "sender": "op-2"}, name=None, sender=None)
     assert (cmd.name, cmd.sender) == (CommandName.STOP, "op-2")
@@ -87,6 +95,10 @@ def test_name_and_sender_from_the_payload() -> None:
         ({"sender": "eve"}, "stop", "payload names sender 'eve', the topic 'scada-1'"),
         ({"request_id": "x" * 65}, "stop", "request_id"),
         ({"reason": "x" * 201}, "stop", "reason is longer than 200"),
+        ({"reel_id": "R1"}, "end_reel", "end_reel: missing key\\(s\\) reason"),
+        ({"reason": "cut"}, "end_reel", "end_reel: missing key\\(s\\) reel_id"),
+        ({"reel_id": "R1", "reason": "  "}, "end_reel", "reason must say why"),
+        ({"reel_id": "R1", "reason": "cut", "length_m": 5}, "end_reel", "unknown key"),
     ],
 )
 def test_bad_commands_say_what_is_wrong(payload: dict[str, Any], name: str, message: str) -> None:

@@ -554,6 +554,7 @@ REQUIRED = {
     "ack_alarm": ({"alarm"}, set()),
     "reset": (set(), set()),
     "select_recipe": ({"recipe"}, set()),
+    "end_reel": ({"reel_id", "reason"}, set()),
 }
 
 
@@ -1218,6 +1219,12 @@ LIVE_COMMAND = st.one_of(
         LIVE_SENDER,
         st.sampled_from(["fast", "pv-1x6-en50618", "nope"]),
     ),
+    # D1, D2: the driver's reels, so that some are the reel on the line.
+    st.builds(
+        lambda s, r: ("end_reel", s, {"reel_id": r, "reason": "fuzz"}),
+        LIVE_SENDER,
+        st.sampled_from(["F1", "D1", "D2"]),
+    ),
     # Garbage: unknown commands, wrong keys and types.
     st.builds(
         lambda n, s, p: (n, s, p),
@@ -1244,6 +1251,9 @@ def _effects(svc: LineService) -> tuple[Any, ...]:
         dict(svc._unacked),
         frozenset(svc._opened_reels),
         dict(svc.ctl.alarms),
+        None if svc.ledger is None else (id(svc.ledger), svc.ledger.next_metre),
+        svc._reel_request,
+        svc.records_written,
     )
 
 

@@ -208,6 +208,36 @@ def test_finish_records_incomplete_metres_as_unproven() -> None:
     assert all(r.verdict is Verdict.UNPROVEN and "incomplete" in r.causes for r in rest)
 
 
+def test_end_here_records_only_the_cable_that_reached_the_beam() -> None:
+    ledger = new_ledger(planned_length_m=2000.0)
+    ledger.start(LedgerSample(0.0, 0.0, 0.0, 100.0))
+    recs, *_ = run(ledger, current_ma=40.0, speed_m_min=80.0, seconds=120.0)  # 160 m passed
+    pos_m = ledger.position_m
+    assert pos_m is not None
+    done = len(recs)
+    assert done == math.floor(pos_m - GEOM.last_pass_offset_m + 1e-9)
+    rest = ledger.end_here()
+    # Metres that reached pass 0 (4 m behind the counter) and have not left the last pass:
+    # incomplete, never in spec. Cable still before pass 0 is not part of the reel.
+    reached = math.ceil(pos_m - GEOM.first_pass_offset_m - 1e-9)
+    assert [r.index for r in rest] == list(range(done, reached))
+    assert all(r.verdict is Verdict.UNPROVEN and "incomplete" in r.causes for r in rest)
+    assert ledger.next_metre == reached
+    assert ledger.end_here() == []  # once
+
+
+def test_end_here_never_past_the_planned_length_and_counts_the_uncertainty() -> None:
+    ledger = new_ledger(planned_length_m=100.0)
+    ledger.start(LedgerSample(0.0, 0.0, 0.0, 100.0), position_m=98.5, uncertainty_m=0.7)
+    assert [r.index for r in ledger.end_here()] == list(range(0, 96))  # up to 98.5 - 4 + 0.7
+    ledger = new_ledger(planned_length_m=30.0)
+    ledger.start(LedgerSample(0.0, 0.0, 0.0, 100.0), position_m=98.5)
+    assert [r.index for r in ledger.end_here()] == list(range(0, 30))
+    ledger = new_ledger(planned_length_m=30.0)
+    ledger.start(LedgerSample(0.0, 0.0, 0.0, 100.0), position_m=2.0)  # not at pass 0 yet
+    assert ledger.end_here() == []
+
+
 def test_pass_weights_scale_the_dose() -> None:
     geom = Geometry(
         passes=4, pass_spacing_m=2.0, first_pass_offset_m=1.0, pass_weights=[0.9, 1.0, 1.0, 0.9]

@@ -682,7 +682,7 @@ async def test_commands_ack_nak_refusals_and_audit(broker: TestBroker, tmp_path:
     ):
         svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))
         svc.on_reel_start.append(lambda _r, counter_m: sim.plant.start_reel(counter_m))
-        service = asyncio.create_task(run_with_bridge(svc, exit_when_done=False))
+        service = asyncio.create_task(run_with_bridge(svc, exit_when_done=False, metrics_port=0))
         async with broker.client(identifier="hmi") as client:
             await client.subscribe("test/answers", qos=1)
             await client.subscribe(topics.response("+"), qos=1)

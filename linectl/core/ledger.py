@@ -305,11 +305,26 @@ class DoseLedger:
         end_m = self.planned_length_m
         if end_m is None:
             end_m = max(0.0, self._pos_m)
-        out = []
-        last_full = math.floor(end_m + 1e-9)
-        for i in range(self._next_metre, last_full):
-            out.append(self._verdict(i, incomplete=True))
-        self._next_metre = max(self._next_metre, last_full)
+        return self._finish_below(math.floor(end_m + 1e-9))
+
+    def end_here(self) -> list[MetreRecord]:
+        """End the reel short, where the cable stands (the operator ends it): every metre
+        that has reached the first pass, or may have within the position uncertainty, and
+        is not final yet is recorded as it stands, unproven (incomplete). Cable that never
+        reached the beam is not part of the reel. The line must be stopped."""
+        if self._pos_m is None:
+            return []
+        reached_m = self._pos_m - self._offsets_m[0] + self._uncertainty_m
+        end = math.ceil(reached_m - 1e-9)
+        if self.planned_length_m is not None:
+            # The reel's last metre as finish() counts it (a fractional end is no metre).
+            end = min(end, math.floor(self.planned_length_m + 1e-9))
+        return self._finish_below(max(0, end))
+
+    def _finish_below(self, end: int) -> list[MetreRecord]:
+        """Metres next_metre..end-1 final now, each incomplete."""
+        out = [self._verdict(i, incomplete=True) for i in range(self._next_metre, end)]
+        self._next_metre = max(self._next_metre, end)
         self._drop_below(self._next_metre - self._window_metres())
         return out
 
