@@ -269,24 +269,39 @@ def _client_options(*, sender: bool = True, json_out: bool = True) -> argparse.A
     return common
 
 
+def _client_parser(
+    group: Any, name: str, options: argparse.ArgumentParser, *, description: str, **kw: Any
+) -> argparse.ArgumentParser:
+    """One client command: its `options` (a parent parser), the description wrapped, and
+    the epilog every client command shares (how the daemon is reached, exit codes)."""
+    parser: argparse.ArgumentParser = group.add_parser(
+        name,
+        parents=[options],
+        description=_wrap(description),
+        epilog=_CLIENT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kw,
+    )
+    return parser
+
+
 def _add_client_parsers(commands: Any, recipe_cmds: Any) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     reader = _client_options(sender=False)
     sender = _client_options()
 
-    status = commands.add_parser(
+    status = _client_parser(
+        commands,
         "status",
-        parents=[reader],
+        reader,
         help="show the running line's state, reel, recipe, alarms and live values",
-        description=_wrap(
+        description=(
             "Show what the line's daemon last published on its retained MQTT topics: "
             "online or offline, the line state and why, the reel and how far it is, the "
             "recipe, the active alarms and the live values with their quality. Exit 0 when "
             "the daemon is online; exit 4 when it is offline (its last known state is "
             "printed) or has never published on this broker."
         ),
-        epilog=_CLIENT_EPILOG,
-        formatter_class=fmt,
     )
     status.set_defaults(handler=_cmd_status)
 
@@ -301,19 +316,18 @@ def _add_client_parsers(commands: Any, recipe_cmds: Any) -> None:
     )
     reel_cmds = reel.add_subparsers(dest="reel_command", metavar="ACTION")
     reel_cmds.required = True
-    start = reel_cmds.add_parser(
+    start = _client_parser(
+        reel_cmds,
         "start",
-        parents=[sender],
+        sender,
         help="start a reel (the line must be READY)",
-        description=_wrap(
+        description=(
             "Ask the line to start reel REEL_ID of --length metres. The line takes it only "
             "when it is READY and no other reel is unfinished; an unfinished reel is "
             "resumed by starting it again with its own id. With --recipe the recipe is "
             "selected first (both happen or neither). Prints the line's ACK, or its NAK "
             "with the reason (exit 3)."
         ),
-        epilog=_CLIENT_EPILOG,
-        formatter_class=fmt,
     )
     start.add_argument("reel_id", metavar="REEL_ID", help="reel id ([A-Za-z0-9_.:-], 1..64)")
     start.add_argument(
@@ -325,26 +339,26 @@ def _add_client_parsers(commands: Any, recipe_cmds: Any) -> None:
     start.add_argument("--recipe", metavar="NAME", help="select this recipe first (file stem)")
     start.add_argument("--reason", metavar="TEXT", help="note for the audit trail")
     start.set_defaults(handler=_cmd_reel_start)
-    stop = reel_cmds.add_parser(
+    stop = _client_parser(
+        reel_cmds,
         "stop",
-        parents=[sender],
+        sender,
         help="stop the running reel (ramps down with dose-follow, then stops)",
-        description=_wrap(
+        description=(
             "Ask the line to stop: beam current and line speed ramp down together with "
             "dose-follow, then the beam goes off and the line stops. Taken in STARTING or "
             "RUNNING; refused (NAK, exit 3) otherwise. The reel stays unfinished and can "
             "be resumed with `linectl reel start` and its id."
         ),
-        epilog=_CLIENT_EPILOG,
-        formatter_class=fmt,
     )
     stop.add_argument("--reason", metavar="TEXT", help="why, for the audit trail")
     stop.set_defaults(handler=_cmd_reel_stop)
-    end = reel_cmds.add_parser(
+    end = _client_parser(
+        reel_cmds,
         "end",
-        parents=[sender],
+        sender,
         help="end an unfinished reel short of its length (its cable was cut or scrapped)",
-        description=_wrap(
+        description=(
             "End the unfinished reel REEL_ID where its cable stands, short of its planned "
             "length: for a reel that will not be resumed (its cable was cut, scrapped or "
             "taken off the line). Every metre that has reached the beam and is not final "
@@ -354,8 +368,6 @@ def _add_client_parsers(commands: Any, recipe_cmds: Any) -> None:
             "with the conveyor at a standstill and the beam off for 1 s, both PLCs "
             "answering; refused (NAK, exit 3) otherwise."
         ),
-        epilog=_CLIENT_EPILOG,
-        formatter_class=fmt,
     )
     end.add_argument("reel_id", metavar="REEL_ID", help="the unfinished reel (a guard)")
     end.add_argument(
@@ -363,68 +375,64 @@ def _add_client_parsers(commands: Any, recipe_cmds: Any) -> None:
     )
     end.set_defaults(handler=_cmd_reel_end)
 
-    alarms = commands.add_parser(
+    alarms = _client_parser(
+        commands,
         "alarms",
-        parents=[sender],
+        sender,
         help="list the active alarms, or acknowledge one (alarms ack KIND)",
         usage="%(prog)s [options] [ack KIND]",
-        description=_wrap(
+        description=(
             "Without arguments: list the alarms the line holds now (kind, latched, since "
             "when, message). `ack KIND` acknowledges the unacknowledged alarm of that kind "
             "('all' or '*' for every one); a latched alarm then still needs `linectl reset` "
             "once its cause is gone. Listing exits 4 when the line is offline."
         ),
-        epilog=_CLIENT_EPILOG,
-        formatter_class=fmt,
     )
     alarms.add_argument("action", nargs="?", choices=["ack"], help="ack: acknowledge KIND")
     alarms.add_argument("kind", nargs="?", metavar="KIND", help="alarm kind, or 'all'")
     alarms.add_argument("--reason", metavar="TEXT", help="note for the audit trail (ack)")
     alarms.set_defaults(handler=_cmd_alarms)
 
-    reset = commands.add_parser(
+    reset = _client_parser(
+        commands,
         "reset",
-        parents=[sender],
+        sender,
         help="reset latched alarms and PLC faults once their causes are gone",
-        description=_wrap(
+        description=(
             "Ask the line to reset its latched alarms and the PLCs' latched faults "
             "(command reset). Taken when there is a latched alarm or FAULT and PLC data is "
             "available; refused (NAK, exit 3) otherwise."
         ),
-        epilog=_CLIENT_EPILOG,
-        formatter_class=fmt,
     )
     reset.add_argument("--reason", metavar="TEXT", help="note for the audit trail")
     reset.set_defaults(handler=_cmd_reset)
 
-    select = recipe_cmds.add_parser(
+    select = _client_parser(
+        recipe_cmds,
         "select",
-        parents=[sender],
+        sender,
         help="select the running line's recipe (no reel running or unfinished)",
-        description=_wrap(
+        description=(
             "Ask the running line to select recipe NAME (a file stem in its recipes "
             "directory). Refused (NAK, exit 3) while a reel is running or unfinished, or "
             "when the recipe does not load or does not fit the line."
         ),
-        epilog=_CLIENT_EPILOG,
-        formatter_class=fmt,
     )
     select.add_argument("recipe", metavar="NAME", help="recipe file stem in recipes_dir")
     select.add_argument("--reason", metavar="TEXT", help="note for the audit trail")
     select.set_defaults(handler=_cmd_recipe_select)
 
-    watch_p = commands.add_parser(
+    watch_p = _client_parser(
+        commands,
         "watch",
-        parents=[_client_options(sender=False, json_out=False)],
+        _client_options(sender=False, json_out=False),
         help="follow the running line live: state, alarms, values, metres",
-        description=_wrap(
+        description=(
             "Follow the line live: status, state, alarms, live values, completed metres, "
             "reel and alarm events. On a terminal a compact screen is redrawn in place; "
             "otherwise (a pipe, a file) one line is printed per update. A lost broker is "
             "shown and reconnected to. Ctrl-C ends it (exit 0)."
         ),
-        epilog=_CLIENT_EPILOG,
-        formatter_class=fmt,
     )
     watch_p.add_argument(
         "--duration", type=_positive, metavar="S", help="stop after S seconds (exit 0)"

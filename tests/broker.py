@@ -24,6 +24,8 @@ from typing import Any
 import aiomqtt
 from conftest import free_port
 
+from linectl.config import LoadedConfig
+
 
 def mosquitto_binary() -> str | None:
     """The mosquitto broker binary, if installed."""
@@ -238,3 +240,19 @@ async def running_broker(workdir: Path, **kwargs: Any) -> AsyncIterator[TestBrok
         yield broker
     finally:
         await broker.stop()
+
+
+def use_broker(cfg: LoadedConfig, broker: TestBroker, *, sparkplug: bool = False) -> None:
+    """Point the line's [mqtt] at `broker` and enable it (MQTT 5 on mosquitto, 3.1.1 on the
+    embedded broker); with `sparkplug`, enable the Sparkplug B edge node as well."""
+    mqtt = cfg.line.mqtt.model_copy(
+        update={
+            "enabled": True,
+            "port": broker.port,
+            "protocol": "5" if broker.kind == "mosquitto" else "3.1.1",
+        }
+    )
+    update: dict[str, Any] = {"mqtt": mqtt}
+    if sparkplug:
+        update["sparkplug"] = cfg.line.sparkplug.model_copy(update={"enabled": True})
+    cfg.line = cfg.line.model_copy(update=update)

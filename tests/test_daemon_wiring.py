@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from broker import running_broker
+from broker import running_broker, use_broker
 from e2e_scenarios import TRUE_K, compact_config, endpoints
 
 from linectl.config import load_config
@@ -32,18 +32,7 @@ async def test_run_wires_metrics_mqtt_and_sparkplug(tmp_path: Path) -> None:
     cfg = load_config(compact_config(tmp_path), environ={})
     recipe, path = select_recipe(cfg, None)
     async with running_broker(tmp_path / "broker") as broker:
-        cfg.line = cfg.line.model_copy(
-            update={
-                "mqtt": cfg.line.mqtt.model_copy(
-                    update={
-                        "enabled": True,
-                        "port": broker.port,
-                        "protocol": "5" if broker.kind == "mosquitto" else "3.1.1",
-                    }
-                ),
-                "sparkplug": cfg.line.sparkplug.model_copy(update={"enabled": True}),
-            }
-        )
+        use_broker(cfg, broker, sparkplug=True)
         async with SimulatedLine(cfg, seed=3, k_dose_true=TRUE_K) as sim:
             svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))
             svc.on_reel_start.append(lambda _r, counter_m: sim.plant.start_reel(counter_m))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import running_broker
+from broker import running_broker, use_broker
 from conftest import free_port
 from e2e_scenarios import TRUE_K, compact_config, endpoints, wait_for
 
@@ -168,17 +168,7 @@ async def test_dashboard_queries_return_data_from_a_running_line(tmp_path: Path)
     line_id = cfg.line.line_id
 
     async with running_broker(tmp_path / "broker") as broker:
-        cfg.line = cfg.line.model_copy(
-            update={
-                "mqtt": cfg.line.mqtt.model_copy(
-                    update={
-                        "enabled": True,
-                        "port": broker.port,
-                        "protocol": "5" if broker.kind == "mosquitto" else "3.1.1",
-                    }
-                ),
-            }
-        )
+        use_broker(cfg, broker)
         async with SimulatedLine(cfg, seed=11, k_dose_true=TRUE_K) as sim:
             svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))
             svc.on_reel_start.append(lambda _r, counter_m: sim.plant.start_reel(counter_m))

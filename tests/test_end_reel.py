@@ -10,7 +10,9 @@ and why; another reel can start, the ended one's id cannot be used again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -46,11 +48,20 @@ def _end(reel_id: str, reason: str = "cable cut at the take-up") -> Command:
     return Command(CommandName.END_REEL, OP, reel_id=reel_id, reason=reason)
 
 
-def _service(cfg: LoadedConfig, sim: SimulatedLine) -> LineService:
+@contextlib.asynccontextmanager
+async def _line(
+    cfg: LoadedConfig, sim: SimulatedLine, *, exit_when_done: bool = False
+) -> AsyncIterator[LineService]:
+    """The line service running on the simulators; stopped (safely) on exit."""
     recipe, path = select_recipe(cfg, None)
     svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))
     svc.on_reel_start.append(lambda _r, counter_m: sim.plant.start_reel(counter_m))
-    return svc
+    run = asyncio.create_task(svc.run(exit_when_done=exit_when_done))
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        await run
 
 
 async def _stop_line(svc: LineService) -> None:
@@ -88,6 +99,20 @@ async def _next_reel_starts(svc: LineService, ended: str) -> None:
     assert res.ack, res
 
 
+async def _reel_under_way(svc: LineService, reel_id: str, metres: int) -> None:
+    """Start `reel_id` once the line is READY and wait for `metres` metres recorded."""
+    await wait_for(lambda: svc.ctl.state is LineState.READY, 30.0, "READY")
+    assert (await svc.execute(_start(reel_id))).ack
+    await wait_for(lambda: svc.records_written >= metres, 60.0, f"{metres} metres recorded")
+
+
+def _reached(svc: LineService, cfg: LoadedConfig) -> int:
+    """Metres that have reached pass 0 (all of them or a part), by the ledger's position."""
+    assert svc.ledger is not None
+    assert svc.ledger.position_m is not None
+    return math.ceil(svc.ledger.position_m - cfg.line.geometry.first_pass_offset_m - 1e-9)
+
+
 def _at_rest_s(svc: LineService) -> float:
     since = svc._at_rest_since_s
     return -1.0 if since is None else svc._cycle_t_s - since
@@ -106,14 +131,9 @@ def _unchanged(svc: LineService) -> tuple[object, ...]:
 
 async def test_end_a_reel_in_the_same_run_after_a_fault(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
-    geom = cfg.line.geometry
     async with SimulatedLine(cfg, seed=21, k_dose_true=TRUE_K) as sim:
-        svc = _service(cfg, sim)
-        run = asyncio.create_task(svc.run())
-        try:
-            await wait_for(lambda: svc.ctl.state is LineState.READY, 30.0, "READY")
-            assert (await svc.execute(_start("END-1"))).ack
-            await wait_for(lambda: svc.records_written >= 4, 60.0, "4 metres recorded")
+        async with _line(cfg, sim) as svc:
+            await _reel_under_way(svc, "END-1", 4)
             _nak(await svc.execute(_end("END-1")), "stop the line first (state running)")
             # A latched HV fault: FAULT at once, while the conveyor still ramps down.
             sim.faults.latch("accelerator", 2)
@@ -129,9 +149,8 @@ async def test_end_a_reel_in_the_same_run_after_a_fault(tmp_path: Path) -> None:
             _nak(await svc.execute(Command(CommandName.END_REEL, OP, reel_id="END-1")), "reason")
             assert _unchanged(svc) == before, "a refused end_reel changed something"
             assert svc.ledger is not None
-            assert svc.ledger.position_m is not None
             final = svc.ledger.next_metre
-            reached = math.ceil(svc.ledger.position_m - geom.first_pass_offset_m - 1e-9)
+            reached = _reached(svc, cfg)
             assert reached > final  # cable under the passes: incomplete metres to record
 
             res = await svc.execute(_end("END-1"))
@@ -142,9 +161,6 @@ async def test_end_a_reel_in_the_same_run_after_a_fault(tmp_path: Path) -> None:
             _nak(await svc.execute(_end("END-1")), "no unfinished reel")
             assert (await svc.execute(Command(CommandName.RESET, OP))).ack
             await _next_reel_starts(svc, "END-1")
-        finally:
-            svc.stop()
-            await run
         _check_ended(cfg, "END-1", reached, sim)
         with RecordStore(cfg.line.records.path) as store:
             metres = store.metres("END-1")
@@ -160,42 +176,27 @@ async def test_end_a_reel_in_the_same_run_after_a_fault(tmp_path: Path) -> None:
 async def test_end_an_interrupted_reel_after_a_restart(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     async with SimulatedLine(cfg, seed=22, k_dose_true=TRUE_K) as sim:
-        first = _service(cfg, sim)
-        run = asyncio.create_task(first.run())
-        try:
-            await wait_for(lambda: first.ctl.state is LineState.READY, 30.0, "READY")
-            assert (await first.execute(_start("END-2"))).ack
-            await wait_for(lambda: first.records_written >= 3, 60.0, "3 metres recorded")
-        finally:
-            first.stop()  # a clean stop leaves the reel open, to be resumed
-            await run
+        async with _line(cfg, sim) as first:
+            await _reel_under_way(first, "END-2", 3)
+        # The clean stop left the reel open, to be resumed.
         with RecordStore(cfg.line.records.path) as store:
             assert store.reel("END-2").state == "open"
             final = len(store.metres("END-2"))
 
-        second = _service(cfg, sim)
-        run = asyncio.create_task(second.run())
-        try:
+        async with _line(cfg, sim) as second:
             await wait_for(
                 lambda: second.ctl.state is LineState.READY and _at_rest_s(second) >= 1.2,
                 30.0,
                 "READY and at rest, the interrupted reel's position known",
             )
             assert second.interrupted_reel() is not None
-            assert second.ledger is not None
-            assert second.ledger.position_m is not None
-            reached = math.ceil(
-                second.ledger.position_m - cfg.line.geometry.first_pass_offset_m - 1e-9
-            )
+            reached = _reached(second, cfg)
             res = await second.execute(_end("END-2"))
             assert res.ack, res
             # The restart has marked every metre that had reached the beam already.
             assert res.detail == {"reel_id": "END-2", "metres_unproven": 0}
             assert second.interrupted_reel() is None
             await _next_reel_starts(second, "END-2")
-        finally:
-            second.stop()
-            await run
         _check_ended(cfg, "END-2", reached, sim)
         with RecordStore(cfg.line.records.path) as store:
             rest = store.metres("END-2")[final:]
@@ -222,19 +223,13 @@ async def test_end_a_reel_that_never_started(tmp_path: Path) -> None:
             )
         )
     async with SimulatedLine(cfg, seed=23, k_dose_true=TRUE_K) as sim:
-        svc = _service(cfg, sim)
         # As `linectl run --exit-after-reel`: ending the reel ends the run.
-        run = asyncio.create_task(svc.run(exit_when_done=True))
-        try:
+        async with _line(cfg, sim, exit_when_done=True) as svc:
             await wait_for(lambda: _at_rest_s(svc) >= 1.2, 30.0, "at rest")
             assert svc.interrupted_reel() is not None
             _nak(await svc.execute(_start("END-3-B")), "END-3")  # it holds the line
             res = await svc.execute(_end("END-3"))
             assert res.ack, res
             assert res.detail == {"reel_id": "END-3", "metres_unproven": 0}
-            async with asyncio.timeout(30.0):
-                await asyncio.shield(run)
-        finally:
-            svc.stop()
-            await run
+            await wait_for(svc._stop.is_set, 5.0, "the run told to end")
         _check_ended(cfg, "END-3", 0, sim)
