@@ -540,6 +540,7 @@ def test_command_metrics_become_the_json_paths_commands() -> None:
             ("Commands/ack_alarm", None, DT.String, "vacuum_low"),
             ("Commands/start_reel", None, DT.String, '{"reel_id": "R-9", "length_m": 120}'),
             ("Commands/request", None, DT.String, '{"command": "reset", "request_id": "q1"}'),
+            (None, 17, DT.String, '{"reel_id": "R-8", "reason": "cable cut"}'),
         ),
     )
     assert all(isinstance(e, Execute) for e in events)
@@ -550,6 +551,7 @@ def test_command_metrics_become_the_json_paths_commands() -> None:
         parse_command(b'{"alarm": "vacuum_low"}', name="ack_alarm", **kw),
         parse_command(b'{"reel_id": "R-9", "length_m": 120}', name="start_reel", **kw),
         parse_command(b'{"command": "reset", "request_id": "q1"}', **kw),
+        parse_command(b'{"reel_id": "R-8", "reason": "cable cut"}', name="end_reel", **kw),
     ]
     assert got[2].length_m == 120.0
     assert got[0].name is CommandName.STOP
@@ -577,6 +579,8 @@ def test_device_commands() -> None:
     [
         (("Commands/start_reel", None, DT.String, "R-9"), "JSON object"),
         (("Commands/start_reel", None, DT.String, '{"reel_id": "R-9"}'), "missing key"),
+        (("Commands/end_reel", None, DT.String, "R-9"), "JSON object"),
+        (("Commands/end_reel", None, DT.String, '{"reel_id": "R-9"}'), "missing key"),
         (("Commands/request", None, DT.String, "{not json"), "not JSON"),
         (("Commands/request", None, DT.String, '{"command": "fly"}'), "unknown command"),
         (("Commands/stop", None, DT.String, "yes"), "takes a Boolean"),

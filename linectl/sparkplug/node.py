@@ -149,6 +149,7 @@ NODE: Final = DeviceDef(
         _cmd(CommandName.SELECT_RECIPE, 14),
         MetricDef(REQUEST, 15, DT.String, "", None, "write a whole JSON command"),
         _m(LAST_RESULT, 16, DT.String, "", "JSON answer to the last Sparkplug command"),
+        _cmd(CommandName.END_REEL, 17),
     ),
 )
 
