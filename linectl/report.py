@@ -407,6 +407,88 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         plt.close(fig)
 
 
+# --------------------------------------------------------------------------- the list of reels
+
+LIST_SCHEMA = "linectl.reel-list/1"
+_LIST_COLUMNS = (
+    "reel_id",
+    "state",
+    "started_at",
+    "ended_at",
+    "product",
+    "recipe_version",
+    "operator",
+    "planned_length_m",
+    "metres_recorded",
+    "in_spec",
+    "out_of_spec",
+    "end_reason",
+)
+
+
+def list_reels(store: RecordStore) -> list[dict[str, Any]]:
+    """Every reel in the store, oldest start first: what it is, how it ended, its metres
+    in spec and out of spec counted as its report counts them (a metre missing below the
+    last stored one is out of spec): a quality engineer's index of the reports."""
+    tallies = store.metre_tallies()
+    out = []
+    for reel in store.reels():
+        stored, in_spec, last = tallies.get(reel.reel_id, (0, 0, -1))
+        missing = last + 1 - stored
+        out.append(
+            {
+                "reel_id": reel.reel_id,
+                "state": reel.state,
+                "started_at": reel.started_at,
+                "ended_at": reel.ended_at,
+                "product": reel.recipe_product,
+                "recipe_version": reel.recipe_version,
+                "operator": reel.operator,
+                "planned_length_m": reel.planned_length_m,
+                "metres_recorded": stored,
+                "in_spec": in_spec,
+                "out_of_spec": stored - in_spec + missing,
+                "end_reason": reel.end_reason,
+            }
+        )
+    return out
+
+
+def write_list_text(reels: Sequence[dict[str, Any]], out: TextIO) -> None:
+    """One line per reel; an open reel says so where its end would be."""
+    if not reels:
+        out.write("no reels in the record store\n")
+        return
+    head = ("reel", "started", "ended", "recipe", "recorded", "in spec", "out", "operator")
+    rows = [
+        (
+            r["reel_id"],
+            r["started_at"] or "",
+            r["ended_at"] or "(open)",
+            f"{r['product']} v{r['recipe_version']}",
+            str(r["metres_recorded"]),
+            str(r["in_spec"]),
+            str(r["out_of_spec"]),
+            r["operator"],
+        )
+        for r in reels
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    for row in (head, *rows):
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+    for r in reels:
+        if r["end_reason"] and r["end_reason"] != "planned length reached":
+            out.write(f"{r['reel_id']}: {r['end_reason']}\n")
+
+
+def write_list_csv(reels: Sequence[dict[str, Any]], out: TextIO) -> None:
+    """One CSV row per reel, the columns of the JSON list."""
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(_LIST_COLUMNS)
+    for r in reels:
+        w.writerow(["" if r[c] is None else r[c] for c in _LIST_COLUMNS])
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -415,15 +497,18 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     argparse subparsers object; the parser's `handler` default is `run_report`."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "report",
-        help="print the report of one reel (text, JSON or CSV) and optionally plot it",
+        help="print the report of one reel (text, JSON or CSV) and optionally plot it; "
+        "without REEL, list the reels",
         description=(
             "Report one reel from the record store: recipe, operator, start and end, counts "
             "in and out of spec, every out-of-spec range with its cause, alarms and operator "
             "actions. --json gives the full report (schema linectl.reel-report/1, "
-            "docs/records.md) with every metre's dose; --csv one row per metre."
+            "docs/records.md) with every metre's dose; --csv one row per metre. Without "
+            "REEL: every reel in the store, one line each (how it ended, metres in and not "
+            "in spec); --json and --csv give the list (schema linectl.reel-list/1)."
         ),
     )
-    p.add_argument("reel", metavar="REEL", help="reel id")
+    p.add_argument("reel", nargs="?", metavar="REEL", help="reel id (none: list the reels)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--db", type=Path, metavar="PATH", help="record database file")
     where.add_argument(
@@ -456,8 +541,22 @@ def run_report(args: argparse.Namespace, out: TextIO | None = None) -> int:
         path = _db_path(args)
         if not path.is_file():
             raise LocalError(f"{path}: no record database there")
+        if args.reel is None and args.plot is not None:
+            raise LocalError("--plot needs a REEL")
         with RecordStore(path) as store:
-            report = build_report(store, args.reel)
+            if args.reel is None:
+                reels = list_reels(store)
+            else:
+                report = build_report(store, args.reel)
+        if args.reel is None:
+            if args.json:
+                json.dump({"schema": LIST_SCHEMA, "reels": reels}, out, indent=2)
+                out.write("\n")
+            elif args.csv:
+                write_list_csv(reels, out)
+            else:
+                write_list_text(reels, out)
+            return EXIT_OK
         if args.plot is not None:
             write_plot(report, args.plot)
     except LinectlError as exc:

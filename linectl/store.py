@@ -443,6 +443,15 @@ class RecordStore:
         rows = self._query(f"SELECT {self._REEL_COLUMNS} FROM reels ORDER BY started_at, rowid")
         return [self._reel_from_row(r) for r in rows]
 
+    def metre_tallies(self) -> dict[str, tuple[int, int, int]]:
+        """Reel id -> (metres stored, of them in spec, last stored index), for every reel
+        with metres, in one query."""
+        rows = self._query(
+            "SELECT reel_id, COUNT(*), SUM(verdict = ?), MAX(idx) FROM metres GROUP BY reel_id",
+            (Verdict.IN_SPEC.value,),
+        )
+        return {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in rows}
+
     def close_reel(self, reel_id: str, ended_at: str, reason: str) -> None:
         """Record the end of a reel; LocalError if unknown or closed already."""
         with self._tx() as db:

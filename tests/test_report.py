@@ -14,9 +14,11 @@ import pytest
 
 from linectl.core.ledger import MetreRecord, Verdict
 from linectl.report import (
+    LIST_SCHEMA,
     REPORT_SCHEMA,
     add_report_parser,
     build_report,
+    list_reels,
     out_of_spec_ranges,
     run_report,
 )
@@ -219,3 +221,92 @@ def test_plot_png(db: Path, tmp_path: Path) -> None:
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(data) > 20_000
+
+
+def _more_reels(db: Path) -> None:
+    """Beside R7: R8 ended short by an operator, R9 open with metres, R10 open without."""
+    with RecordStore(db) as s:
+        for reel_id, t in (("R8", "09"), ("R9", "10"), ("R10", "11")):
+            s.open_reel(
+                ReelInfo(reel_id, "line1", "PV1-F 1x6", "3", "cd" * 32, RECIPE_JSON, "bob",
+                         100.0, f"2025-01-10T{t}:00:00+00:00")
+            )  # fmt: skip
+        s.add_metres("R8", [m(i, Verdict.IN_SPEC, 120.0) for i in range(5)], T_END)
+        s.add_metres("R8", [m(5, Verdict.UNPROVEN, 60.0, ("incomplete",))], T_END)
+        s.close_reel("R8", "2025-01-10T09:30:00+00:00", "ended by op-1: cable cut")
+        s.add_metres("R9", [m(i, Verdict.IN_SPEC, 120.0) for i in (0, 1, 3)], T_END)
+
+
+def test_list_of_reels_counts_as_the_reports_do(db: Path) -> None:
+    _more_reels(db)
+    with RecordStore(db) as s:
+        reels = list_reels(s)
+        reports = {r: build_report(s, r)["summary"] for r in ("R7", "R8", "R9", "R10")}
+    assert [r["reel_id"] for r in reels] == ["R7", "R8", "R9", "R10"]
+    for r in reels:  # the same counts as each reel's own report, missing metres included
+        rep = reports[r["reel_id"]]
+        assert (r["metres_recorded"], r["in_spec"], r["out_of_spec"]) == (
+            rep["metres_recorded"],
+            rep["in_spec"],
+            rep["out_of_spec"],
+        ), r["reel_id"]
+    assert (reels[0]["metres_recorded"], reels[0]["in_spec"], reels[0]["out_of_spec"]) == (
+        43,
+        23,
+        22,
+    )
+    assert reels[2]["out_of_spec"] == 1  # metre 2 of R9 is missing
+    assert reels[1]["end_reason"] == "ended by op-1: cable cut"
+    assert (reels[3]["state"], reels[3]["metres_recorded"], reels[3]["ended_at"]) == (
+        "open",
+        0,
+        None,
+    )
+
+
+def _list_args(db: Path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["report", "--db", str(db), *extra])
+
+
+def test_report_without_a_reel_lists_them(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _more_reels(db)
+    out = io.StringIO()
+    assert run_report(_list_args(db), out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == [
+        "reel", "started", "ended", "recipe", "recorded", "in", "spec", "out", "operator"
+    ]  # fmt: skip
+    assert lines[1].split()[0] == "R7"
+    assert lines[1].split()[-4:] == ["43", "23", "22", "alice"]
+    assert "(open)" in lines[3]
+    assert lines[-1] == "R8: ended by op-1: cable cut"
+
+    out = io.StringIO()
+    assert run_report(_list_args(db, "--json"), out) == 0
+    listed = json.loads(out.getvalue())
+    assert listed["schema"] == LIST_SCHEMA
+    with RecordStore(db) as s:
+        assert listed["reels"] == list_reels(s)
+
+    out = io.StringIO()
+    assert run_report(_list_args(db, "--csv"), out) == 0
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert [(r["reel_id"], r["out_of_spec"], r["ended_at"]) for r in rows] == [
+        ("R7", "22", T_END),
+        ("R8", "1", "2025-01-10T09:30:00+00:00"),
+        ("R9", "1", ""),
+        ("R10", "0", ""),
+    ]
+
+    assert run_report(_list_args(db, "--plot", "x.png"), io.StringIO()) == 2
+    assert "--plot needs a REEL" in capsys.readouterr().err
+
+
+def test_an_empty_store_lists_no_reels(tmp_path: Path) -> None:
+    db = tmp_path / "empty.sqlite"
+    RecordStore(db).close()
+    out = io.StringIO()
+    assert run_report(_list_args(db), out) == 0
+    assert out.getvalue() == "no reels in the record store\n"
