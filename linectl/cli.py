@@ -49,24 +49,25 @@ from linectl.config import (
     load_config,
     load_recipe,
 )
+from linectl.core.control import ALARM_KINDS
 from linectl.daemon import add_run_parser
 from linectl.demo import add_demo_parser
-from linectl.errors import ConfigError, LinectlError, LocalError
+from linectl.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_BROKEN_PIPE,
+    EXIT_BROKER,
+    EXIT_INTERRUPTED,
+    EXIT_NAK,
+    EXIT_NO_ANSWER,
+    EXIT_OK,
+    ConfigError,
+    LinectlError,
+    LocalError,
+)
 from linectl.report import add_report_parser
 
 log = logging.getLogger("linectl.cli")
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-EXIT_NAK = 3
-"""The line refused the command (NAK); its reason is printed."""
-EXIT_NO_ANSWER = 4
-"""No answer from the line: no daemon, or not connected to the broker (or, for `status`
-and `alarms`, the line's retained status says it is offline)."""
-EXIT_BROKER = 5
-"""The MQTT broker cannot be reached, or refused the connection or a subscription."""
-EXIT_INTERRUPTED = 130
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports
 
 # Subcommands whose remaining arguments go to another parser untouched.
 _PASS_THROUGH = ("sim",)
@@ -688,6 +689,9 @@ def _cmd_alarms(args: argparse.Namespace, out: TextIO) -> int:
     if args.kind is None:
         raise LocalError("alarms ack needs the alarm KIND (as `linectl alarms` lists it) or 'all'")
     kind = "*" if args.kind == "all" else args.kind
+    if kind != "*" and kind not in ALARM_KINDS:
+        # Checked here, so that a mistyped kind is never sent (exit 2).
+        raise LocalError(f"unknown alarm kind {kind!r}: one of {', '.join(ALARM_KINDS)}, or 'all'")
     return _send(args, out, CommandName.ACK_ALARM, {"alarm": kind})
 
 

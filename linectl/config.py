@@ -779,6 +779,11 @@ def load_config(directory: Path | str, environ: Mapping[str, str] | None = None)
     """Load line.toml and both register maps from a directory; ConfigError on any fault."""
     directory = Path(directory)
     line_path = directory / "line.toml"
+    if directory.is_file():
+        raise ConfigError(
+            f"{directory}: a file, not a configuration directory (give the directory that "
+            f"holds line.toml: {directory.parent})"
+        )
     if not directory.is_dir():
         # The default, ./config, exists only in a checkout: say how to point elsewhere.
         raise ConfigError(

@@ -30,7 +30,7 @@ from linectl.aio import stop_task
 from linectl.config import LoadedConfig, MqttConfig, Recipe, default_config_dir, load_config
 from linectl.core.ledger import Verdict
 from linectl.daemon import run_with_bridge
-from linectl.errors import LocalError
+from linectl.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, LocalError
 from linectl.report import build_report, write_plot, write_text
 from linectl.service import LineService, ReelRequest, select_recipe
 from linectl.store import RecordStore
@@ -239,8 +239,15 @@ async def _run_demo(
         service.on_reel_start.append(lambda _reel, counter_m: line.plant.start_reel(counter_m))
         service.request_reel(ReelRequest(reel_id, args.length, "demo"))
         loop = asyncio.get_running_loop()
+        interrupted: list[int] = []
+
+        def interrupt(sig: int) -> None:
+            # A safe stop, then the partial reel's report; the exit code says why.
+            interrupted.append(sig)
+            service.stop()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, service.stop)
+            loop.add_signal_handler(sig, interrupt, sig)
         t0 = time.monotonic()
         announced = [False]
 
@@ -265,7 +272,7 @@ async def _run_demo(
             f"the reel never started: line {service.ctl.state.value}, alarms "
             f"{sorted(service.ctl.alarms)}; {service.ctl.why_not_ready()}\n"
         )
-        return 1
+        return EXIT_INTERRUPTED if interrupted else EXIT_FAILED
     if reel_id not in service.finished_reels:
         out.write("the reel did not finish (stopped early); its records are kept\n")
     with RecordStore(db) as store:
@@ -295,4 +302,6 @@ async def _run_demo(
             f"MQTT subscriber received: {kinds or 'nothing'}; {got.metres} metre records; "
             f"status {' -> '.join(got.status) or '?'}\n"
         )
-    return 0 if reel_id in service.finished_reels and false_accepts == 0 else 1
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if reel_id in service.finished_reels and false_accepts == 0 else EXIT_FAILED

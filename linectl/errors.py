@@ -6,6 +6,22 @@
 
 from __future__ import annotations
 
+# The command line's exit codes (docs/cli.md, "Exit codes"), for every command module.
+EXIT_OK = 0
+EXIT_FAILED = 1
+"""Not implemented; for `demo`, its own check failed (the reel did not run to its end,
+or a metre was recorded in spec whose true dose is outside the recipe's limits)."""
+EXIT_BAD_INPUT = 2
+EXIT_NAK = 3
+"""The line refused the command (NAK); its reason is printed."""
+EXIT_NO_ANSWER = 4
+"""No answer from the line: no daemon, or not connected to the broker (or, for `status`
+and `alarms`, the line's retained status says it is offline)."""
+EXIT_BROKER = 5
+"""The MQTT broker cannot be reached, or refused the connection or a subscription."""
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports
+
 
 class LinectlError(Exception):
     """Base of every error linectl raises on purpose."""

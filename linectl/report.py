@@ -24,14 +24,11 @@ from typing import Any, TextIO
 
 from linectl.config import default_config_dir, load_config
 from linectl.core.ledger import Verdict
-from linectl.errors import LinectlError, LocalError
+from linectl.errors import EXIT_BAD_INPUT, EXIT_OK, LinectlError, LocalError
 from linectl.store import RecordStore, StoredMetre
 
 REPORT_SCHEMA = "linectl.reel-report/1"
 MISSING = "missing"  # verdict of a metre index below the last stored one with no record
-
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
 
 # Every verdict that is not in spec, in report order (the keys of out_of_spec_by_verdict).
 OUT_OF_SPEC_VERDICTS: tuple[str, ...] = (
@@ -258,8 +255,9 @@ def write_text(report: dict[str, Any], out: TextIO) -> None:
                 f"  {r['first']:>8} {r['last']:>8} {r['length_m']:>9}  {r['verdict']:<24} "
                 f"{','.join(r['causes'])}\n"
             )
+    # "none" said, as for the ranges: a section left out could be a section lost.
+    w(f"\nalarms: {len(report['alarms']) or 'none'}\n")
     if report["alarms"]:
-        w(f"\nalarms: {len(report['alarms'])}\n")
         for a in report["alarms"]:
             ack = f"ack {a['acknowledged_at']} by {a['acknowledged_by']}"
             w(
@@ -267,8 +265,8 @@ def write_text(report: dict[str, Any], out: TextIO) -> None:
                 f"[{ack if a['acknowledged_at'] else 'not acknowledged'}; "
                 f"{'cleared ' + a['cleared_at'] if a['cleared_at'] else 'not cleared'}]\n"
             )
+    w(f"\noperator actions: {len(report['events']) or 'none'}\n")
     if report["events"]:
-        w(f"\noperator actions: {len(report['events'])}\n")
         for e in report["events"]:
             verdict = "accepted" if e["accepted"] else f"refused: {e['reason']}"
             w(f"  {e['t']}  {e['actor']}: {e['action']} {json.dumps(e['detail'])} ({verdict})\n")

@@ -487,3 +487,8 @@ def test_documented_plant_b_map_loads_and_decodes(tmp_path: Path) -> None:
     assert counter_modulus(acc.field("charge_total")) == pytest.approx(2**32 * 1000.0)
     # The reference recipe still checks against this line.
     load_recipe(REFERENCE_RECIPE, loaded)
+
+
+def test_a_file_given_as_the_directory_names_the_directory_to_give() -> None:
+    with pytest.raises(ConfigError, match=r"line.toml: a file, not a configuration directory"):
+        load_config(CONFIG_DIR / "line.toml", environ=NO_ENV)

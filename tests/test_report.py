@@ -310,3 +310,14 @@ def test_an_empty_store_lists_no_reels(tmp_path: Path) -> None:
     out = io.StringIO()
     assert run_report(_list_args(db), out) == 0
     assert out.getvalue() == "no reels in the record store\n"
+
+
+def test_text_says_none_rather_than_leaving_a_section_out(db: Path) -> None:
+    _more_reels(db)
+    a = args(db)
+    a.reel = "R9"
+    out = io.StringIO()
+    assert run_report(a, out) == 0
+    text = out.getvalue()
+    assert "\nalarms: none\n" in text
+    assert "\noperator actions: none\n" in text
