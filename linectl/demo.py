@@ -239,15 +239,16 @@ async def _run_demo(
         service.on_reel_start.append(lambda _reel, counter_m: line.plant.start_reel(counter_m))
         service.request_reel(ReelRequest(reel_id, args.length, "demo"))
         loop = asyncio.get_running_loop()
-        interrupted: list[int] = []
+        interrupted = False
 
-        def interrupt(sig: int) -> None:
+        def interrupt() -> None:
             # A safe stop, then the partial reel's report; the exit code says why.
-            interrupted.append(sig)
+            nonlocal interrupted
+            interrupted = True
             service.stop()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, interrupt, sig)
+            loop.add_signal_handler(sig, interrupt)
         t0 = time.monotonic()
         announced = [False]
 

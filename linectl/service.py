@@ -36,6 +36,7 @@ from linectl.core.control import (
     Outputs,
     ReelPlan,
     Transition,
+    at_rest,
 )
 from linectl.core.ledger import DoseLedger, LedgerSample, MetreRecord
 from linectl.core.views import (
@@ -482,13 +483,9 @@ class LineService:
         if self.ledger is not None:
             records = self.ledger.end_here()
             self._save(records, self._cycle_t_s)
-        self.ctl.close_reel()
         why = f"ended by {cmd.sender}: {cmd.reason}"
-        wall = self.wall()
-        self._submit(lambda s: s.close_reel(reel_id, wall, why))
+        self._close_reel(why)
         log.warning("reel %s %s; %d metres recorded unproven", reel_id, why, len(records))
-        self.ledger = None
-        self._resume = None
         self._opened_reels.add(reel_id)
         if self._reel_request is not None and self._reel_request.reel_id == reel_id:
             self._reel_request = None
@@ -668,15 +665,7 @@ class LineService:
         cnv = cnv_view(cnv_vals, self.cfg.conveyor_map, ok=cnv_fresh)
 
         self._cycle_t_s = t_s
-        at_rest = (
-            acc.ok
-            and cnv.ok
-            and not cnv.running
-            and cnv.speed_m_min < 0.05
-            and not acc.beam_on
-            and acc.beam_current_ma <= 0.5
-        )
-        if not at_rest:
+        if not at_rest(acc, cnv):
             self._at_rest_since_s = None
         elif self._at_rest_since_s is None:
             self._at_rest_since_s = t_s
@@ -900,15 +889,21 @@ class LineService:
         if records or t_s - self._last_ckpt_t >= 1.0 or done:
             self._save(records, t_s)
         if done:
-            reel_id = reel.plan.reel_id
-            wall = self.wall()
-            self._submit(lambda s: s.close_reel(reel_id, wall, "planned length reached"))
+            reel_id = self._close_reel("planned length reached")
             log.info("reel %s complete", reel_id)
-            self.ctl.close_reel()
-            self.ledger = None
             self.finished_reels.append(reel_id)
             if self._exit_when_done:
                 self._stop.set()
+
+    def _close_reel(self, reason: str) -> str:
+        """Close the current reel: in the controller now, in the store after every record
+        submitted before; its ledger and any pending resume go with it. Its id."""
+        reel_id = self.ctl.close_reel().reel_id
+        wall = self.wall()
+        self._submit(lambda s: s.close_reel(reel_id, wall, reason))
+        self.ledger = None
+        self._resume = None
+        return reel_id
 
     def _ledger_events(self, reel_id: str) -> None:
         """Why an interval was not accounted normally: logged, and kept in the records
@@ -1022,8 +1017,7 @@ class LineService:
             last = max(first, math.ceil(planned) - 1)
             log.error("reel %s: cable position lost across the restart; closing it", reel_id)
             self._submit(lambda s: s.mark_unproven(reel_id, first, last, "position lost", wall))
-            self._submit(lambda s: s.close_reel(reel_id, wall, "position lost on restart"))
-            self.ctl.close_reel()
+            self._close_reel("position lost on restart")
             return
         # Every metre that had reached pass 0 (partly irradiated while we were away).
         upto = min(math.ceil(position - geom.first_pass_offset_m), math.ceil(planned)) - 1

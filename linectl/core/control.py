@@ -121,6 +121,22 @@ _BAD_VALUE: dict[str, AlarmKind] = {
 }
 
 
+def beam_measured_on(acc: AccView) -> bool:
+    """BEAM_ON reported, or a measured current above 0.5 mA (docs/control.md)."""
+    return acc.beam_on or acc.beam_current_ma > 0.5
+
+
+def conveyor_at_standstill(cnv: CnvView) -> bool:
+    """Not running, and slower than 0.05 m/min."""
+    return not cnv.running and cnv.speed_m_min < 0.05
+
+
+def at_rest(acc: AccView, cnv: CnvView) -> bool:
+    """Both PLCs answering, the conveyor at a standstill and the beam off: no cable moves
+    and none is irradiated."""
+    return acc.ok and cnv.ok and conveyor_at_standstill(cnv) and not beam_measured_on(acc)
+
+
 def _not_finite(plc: str, view: AccView | CnvView) -> tuple[AlarmKind, str] | None:
     """The trip for a view whose numbers are not all finite, None when they are.
 
@@ -432,7 +448,7 @@ class Controller:
             bad = _not_finite(plc, view)
             if bad is not None:
                 trips.append(bad)
-        beam_is_on = acc.beam_on or acc.beam_current_ma > 0.5
+        beam_is_on = beam_measured_on(acc)
         if beam_is_on and (cnv.estop or cnv.cable_break or not cnv.running):
             trips.append(("line_stopped_beam_on", "beam on while the line is not running"))
         elif beam_is_on and cnv.speed_m_min < self.v_min * (1 - self.tuning.speed_tolerance):
@@ -644,10 +660,10 @@ class Controller:
             return self._follow_current(out, acc, cnv, dt_s)
         # At minimum speed (or the beam is gone): beam off first, then the line.
         out = replace(out, beam_on=False, beam_current_sp_ma=0.0, hv_on=True)
-        if acc.beam_on or acc.beam_current_ma > 0.5:
+        if beam_measured_on(acc):
             return replace(out, run=True, speed_sp_m_min=max(sp, self.v_min))
         out = replace(out, run=False, speed_sp_m_min=0.0)
-        if not cnv.running and cnv.speed_m_min < 0.05:
+        if conveyor_at_standstill(cnv):
             self._to(t_s, LineState.IDLE, f"stopped: {self._stop_cause}")
         return out
 
