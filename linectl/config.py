@@ -286,14 +286,17 @@ class PlcEndpoint(_Strict):
     """TCP port."""
     unit_id: Annotated[int, Field(ge=0, le=255)] = 1
     """Modbus unit (slave) id."""
-    timeout_s: Annotated[float, Field(gt=0, le=10)] = 0.2
-    """Per-request timeout; the link never waits longer on one request."""
+    timeout_s: Annotated[float, Field(gt=0, le=10)] = 0.1
+    """Per-request timeout; the link never waits longer on one request. Keep it plus one
+    cycle below stale_after_s, so that one lost answer is ridden through."""
     connect_timeout_s: Annotated[float, Field(gt=0, le=10)] = 0.5
     """TCP connect timeout."""
     reconnect_max_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     """Cap of the reconnect backoff."""
     stale_after_s: Annotated[float, Field(gt=0, le=60)] = 0.25
-    """A value older than this is STALE."""
+    """Data older than this makes the PLC unknown to the controller (the "PLC lost"
+    interlock: beam off, line to a stop, latched alarm); younger data is still used, so a
+    connection dropped and made again within this window changes nothing."""
     max_gap: Annotated[int, Field(ge=0, le=124)] = 0
     """Unmapped registers the read planner may read across to join two blocks."""
     register_map: str
@@ -365,6 +368,10 @@ class ControlTuning(_Strict):
     a stopped cable; then it stops."""
     speed_tolerance: Annotated[float, Field(gt=0, lt=0.5)] = 0.02
     """Relative speed tolerance for 'reached'."""
+    reset_watchdog_trips_at_start: bool = True
+    """At start-up, once both PLCs answer, reset latched faults that are watchdog trips
+    and nothing else (accelerator code 7, conveyor code 5): linectl's own absence caused
+    them. Any other latched fault still needs an operator reset."""
 
 
 class Records(_Strict):

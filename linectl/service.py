@@ -29,7 +29,10 @@ from linectl.commands import Command, CommandName, CommandResult, authorize
 from linectl.config import ControlTuning, LoadedConfig, PlcEndpoint, Recipe
 from linectl.core.align import AccPoint, CnvPoint, CounterAligner, PlcClock
 from linectl.core.control import (
+    AccView,
     Alarm,
+    AlarmKind,
+    CnvView,
     CommandRefused,
     Controller,
     LineState,
@@ -37,6 +40,8 @@ from linectl.core.control import (
     ReelPlan,
     Transition,
     at_rest,
+    conveyor_at_standstill,
+    watchdog_trips_only,
 )
 from linectl.core.ledger import DoseLedger, LedgerSample, MetreRecord
 from linectl.core.views import (
@@ -111,10 +116,17 @@ def recipe_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _fresh(snap: Snapshot) -> bool:
-    # STALE values are younger than the endpoint's staleness limit: still usable for
-    # control. Past it they turn COMM_FAIL, and the controller treats the PLC as unknown.
-    return snap.connected and all(r.quality is not Quality.COMM_FAIL for r in snap.reads)
+def _fresh(link: PlcLink, snap: Snapshot | None) -> bool:
+    """Whether a PLC's data may be used for control this cycle.
+
+    Judged by the data's age, not by the connection: a connection closed and made again
+    within the PLC's stale window (a closed socket, a lost or half answer, an exception
+    burst) changes nothing. The PLC is unknown once its data is older than
+    `stale_after_s`, or at once when a connection cannot be made again (refused, or
+    timed out)."""
+    if snap is None or link.unreachable:
+        return False
+    return snap.age_s(link.now()) < link.endpoint.stale_after_s
 
 
 def _values(snap: Snapshot) -> dict[str, float | int | None]:
@@ -134,6 +146,7 @@ class LineService:
         acc_endpoint: PlcEndpoint | None = None,
         cnv_endpoint: PlcEndpoint | None = None,
         tuning: ControlTuning | None = None,
+        links: tuple[PlcLink, PlcLink] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], str] = utc_now_iso,
         wall_ms: Callable[[], int] = unix_ms,
@@ -147,8 +160,12 @@ class LineService:
         self.wall_ms = wall_ms
         self.tuning = tuning or cfg.line.control
         self.store_path = store_path or cfg.resolve(cfg.line.records.path)
-        self.acc = PlcLink("accelerator", acc_endpoint or cfg.line.accelerator, cfg.accelerator_map)
-        self.cnv = PlcLink("conveyor", cnv_endpoint or cfg.line.conveyor, cfg.conveyor_map)
+        if links is None:
+            links = (
+                PlcLink("accelerator", acc_endpoint or cfg.line.accelerator, cfg.accelerator_map),
+                PlcLink("conveyor", cnv_endpoint or cfg.line.conveyor, cfg.conveyor_map),
+            )
+        self.acc, self.cnv = links
         self.units = CounterUnits.from_maps(cfg.accelerator_map, cfg.conveyor_map)
         self._acc_clock = PlcClock(plc_clock_modulus_ms(cfg.accelerator_map))
         self._cnv_clock = PlcClock(plc_clock_modulus_ms(cfg.conveyor_map))
@@ -169,10 +186,15 @@ class LineService:
         self._resume_request: str | None = None  # the operator who asked to resume
         self._resume: dict[str, Any] | None = None  # an interrupted reel found at start
         self._reset_request = False
+        self._reset_actor = "operator"
+        self._startup_reset = False  # the start-up reset of watchdog trips is pending
+        self._fault_stopped: str | None = None  # the reel a fault stopped while it ran
         self._store_error: str | None = None
         self._stop = asyncio.Event()
         self._exit_when_done = False
-        self._connects = {"accelerator": -1, "conveyor": -1}
+        self._acc_seq = self._cnv_seq = -1  # the snapshots the ledger has had
+        self._clock_resets = {"accelerator": 0, "conveyor": 0}
+        self._first_contact = False  # both PLCs have answered once since start
         self._last_ckpt_t = -math.inf
         self._last_sample_length_m: float | None = None
         self.observers: list[Callable[[LineService], None]] = []
@@ -395,7 +417,7 @@ class LineService:
                 case CommandName.RESET:
                     if self.ctl.state is LineState.OFFLINE:
                         raise CommandRefused("PLC data not available: nothing can be reset now")
-                    self.ctl.request_reset()
+                    self._reset(cmd.sender)
                 case CommandName.SELECT_RECIPE:
                     self._cmd_select(p.recipe)
                 case CommandName.END_REEL:
@@ -413,6 +435,22 @@ class LineService:
             reel_id=ended,
         )
         return CommandResult(True, "", cmd.name.value, cmd.request_id, state, detail)
+
+    def _reset(self, actor: str) -> None:
+        """Reset latched alarms and PLC faults. A reel that a fault stopped comes back:
+        once the line is READY it restarts, and the cable under the beam gets its
+        remaining passes (the ledger has kept accounting all along)."""
+        self.ctl.request_reset()
+        reel = self.ctl.reel
+        if reel is None or reel.complete or not reel.started:
+            return
+        # Only a reel that a fault (or the controller's own absence) stopped: one the
+        # operator had stopped stays stopped.
+        ours = actor == "controller" and self._startup_reset
+        if (ours or self._fault_stopped == reel.plan.reel_id) and self._reel_request is None:
+            log.info("reset: reel %s resumes once the line is ready", reel.plan.reel_id)
+            self._resume_request = "" if actor == "controller" else actor
+        self._fault_stopped = None
 
     def _cmd_start(self, cmd: Command, recipe: tuple[Recipe, Path] | None) -> None:
         if cmd.reel_id is None or cmd.length_m is None:  # a Command not from parse_command
@@ -567,6 +605,11 @@ class LineService:
         await self._load_unacked_alarms()
         await self.acc.start()
         await self.cnv.start()
+        wd_ms = self.cfg.line.watchdog_timeout_ms
+        self.acc.start_io(on_connect={"watchdog_timeout": wd_ms})
+        self.cnv.start_io(
+            on_connect={"watchdog_timeout": wd_ms, "ramp_rate": self.tuning.line_ramp_m_min_s}
+        )
         clean = False
         self._running = True
         try:
@@ -623,9 +666,17 @@ class LineService:
         period = self.cfg.line.cycle_period_s
         next_t = self.clock()
         stopping_since: float | None = None
+        # Each tick asks both links for a poll and waits for the answers at most half a
+        # period: a PLC that answers late is read from its last snapshot, never waited
+        # for (its data only ages, and past stale_after_s the PLC is unknown).
+        poll_wait_s = 0.5 * period
         while True:
             t0 = self.clock()
-            await self._cycle()
+            seqs = (self.acc.request_poll(), self.cnv.request_poll())
+            await asyncio.gather(
+                self.acc.wait_poll(seqs[0], poll_wait_s), self.cnv.wait_poll(seqs[1], poll_wait_s)
+            )
+            self._cycle()
             now = self.clock()
             self.stats.record(now - t0, max(0.0, t0 - next_t))
             for observer in self.observers:
@@ -653,16 +704,31 @@ class LineService:
                 delay = next_t - self.clock()
             await asyncio.sleep(max(0.0, delay))
 
-    async def _cycle(self) -> None:
-        acc_snap, cnv_snap = await asyncio.gather(self.acc.poll(), self.cnv.poll())
+    def _cycle(self) -> None:
+        """One control cycle on the freshest snapshots; never waits for a PLC."""
+        acc_snap, cnv_snap = self.acc.latest, self.cnv.latest
         self.last_acc, self.last_cnv = acc_snap, cnv_snap
         t_s = self.clock()
         self._cycle_ms = self.wall_ms()
-        await self._configure_plcs()
-        acc_vals, cnv_vals = _values(acc_snap), _values(cnv_snap)
-        acc_fresh, cnv_fresh = _fresh(acc_snap), _fresh(cnv_snap)
+        acc_fresh, cnv_fresh = _fresh(self.acc, acc_snap), _fresh(self.cnv, cnv_snap)
+        acc_vals = _values(acc_snap) if acc_snap is not None else {}
+        cnv_vals = _values(cnv_snap) if cnv_snap is not None else {}
         acc = acc_view(acc_vals, self.cfg.accelerator_map, ok=acc_fresh)
         cnv = cnv_view(cnv_vals, self.cfg.conveyor_map, ok=cnv_fresh)
+
+        # Counter points for the ledger: new snapshots with every value GOOD only, each
+        # at the moment its PLC sampled it (the PLC clocks also tell a PLC restart).
+        energy_ok = not acc.beam_on or abs(acc.energy_mev - self.recipe.energy_mev) <= (
+            self.recipe.energy_tolerance_mev
+        )
+        acc_pt = cnv_pt = None
+        if acc_snap is not None and acc_snap.seq != self._acc_seq:
+            self._acc_seq = acc_snap.seq
+            acc_pt = self._acc_point(acc_snap, energy_ok)
+        if cnv_snap is not None and cnv_snap.seq != self._cnv_seq:
+            self._cnv_seq = cnv_snap.seq
+            cnv_pt = self._cnv_point(cnv_snap)
+        self._check_plc_restarts(t_s)
 
         self._cycle_t_s = t_s
         if not at_rest(acc, cnv):
@@ -674,6 +740,7 @@ class LineService:
         if self._store_error is not None:
             self.ctl.raise_alarm(t_s, "records", self._store_error)
             self._store_error = None
+        starting = self.ctl.state is LineState.STARTING  # before this cycle's requests
         self._operator_requests()
         self._take_commands()
         position = None
@@ -682,20 +749,73 @@ class LineService:
             # metre's verdict window has left the last pass before the line stops.
             position = self.ledger.position_m - self.ledger.position_uncertainty_m
         out = self.ctl.step(t_s, acc, cnv, position)
-        await self._write(out, acc_ok=acc.ok, cnv_ok=cnv.ok)
+        # Writes go out before any accounting: the links send them at once.
+        self.acc.post(acc_writes(out, self.cfg.accelerator_map))
+        self.cnv.post(cnv_writes(out, self.cfg.conveyor_map))
+        if not starting and self.ctl.state is LineState.STARTING:
+            self._reel_zero(acc_snap, cnv_snap, cnv)
         self._events()
+        if acc.ok and cnv.ok and not self._first_contact:
+            self._first_contact = True
+            self._on_first_contact(acc, cnv)
 
-        energy_ok = not acc.beam_on or abs(acc.energy_mev - self.recipe.energy_mev) <= (
-            self.recipe.energy_tolerance_mev
+        now_link_s = max(
+            (s.host_time_s for s in (acc_snap, cnv_snap) if s is not None), default=t_s
         )
-        # The ledger takes GOOD values only, each at the moment its PLC sampled it.
-        now_link_s = max(acc_snap.host_time_s, cnv_snap.host_time_s)
-        samples = self.aligner.push(
-            now_link_s,
-            self._acc_point(acc_snap, energy_ok),
-            self._cnv_point(cnv_snap),
-        )
+        samples = self.aligner.push(now_link_s, acc_pt, cnv_pt)
         self._account(t_s, samples)
+
+    def _check_plc_restarts(self, t_s: float) -> None:
+        """A PLC whose clock jumped has restarted (or had its clock set): its counters
+        and holding registers are not what they were. Treated as losing it: latched
+        alarm, beam off, line to a stop; an operator reset brings the reel back."""
+        for name, clock in (("accelerator", self._acc_clock), ("conveyor", self._cnv_clock)):
+            if clock.resets != self._clock_resets[name]:
+                self._clock_resets[name] = clock.resets
+                kind: AlarmKind = "accelerator_link" if name == "accelerator" else "conveyor_link"
+                self.ctl.raise_alarm(t_s, kind, f"{name} PLC restarted (its clock jumped)")
+
+    def _reel_zero(
+        self, acc_snap: Snapshot | None, cnv_snap: Snapshot | None, cnv: CnvView
+    ) -> None:
+        """A new reel is starting: cable coordinate 0 is the cable at the length counter
+        now, read while the line stands and before the reel's first RUN goes out
+        (process.md, "Positions"), so that the records' metres are the cable's physical
+        counter marks. A resumed reel keeps the coordinate it has."""
+        reel = self.ctl.reel
+        if reel is None or reel.started or self.ledger is not None or self._resume is not None:
+            return
+        acc_pt = self._acc_point(acc_snap, True) if acc_snap is not None else None
+        cnv_pt = self._cnv_point(cnv_snap) if cnv_snap is not None else None
+        if acc_pt is None or cnv_pt is None or not conveyor_at_standstill(cnv):
+            # Not expected (READY needs both PLCs answering and the line standing): the
+            # reel then starts its accounting at the first aligned sample once running.
+            log.warning("reel %s: no standing length reading at its start", reel.plan.reel_id)
+            return
+        reel.started = True
+        self._start_ledger(
+            LedgerSample(
+                t_s=cnv_pt.t_s,
+                charge_uc=acc_pt.charge_uc,
+                length_m=cnv_pt.length_m,
+                scan_width_cm=acc_pt.scan_width_cm,
+                speed_m_min=cnv_pt.speed_m_min,
+            )
+        )
+
+    def _on_first_contact(self, acc: AccView, cnv: CnvView) -> None:
+        """Both PLCs answered for the first time since start: latched watchdog trips that
+        only our own absence can have caused are reset (configurable)."""
+        if self._reset_request:
+            return  # --reset-faults: it resets whatever is latched, next cycle
+        if self.tuning.reset_watchdog_trips_at_start and watchdog_trips_only(acc, cnv):
+            log.warning(
+                "PLC watchdog trip latched while linectl was away: resetting it "
+                "(control.reset_watchdog_trips_at_start)"
+            )
+            self._reset_request = True
+            self._reset_actor = "controller"
+            self._startup_reset = True
 
     def _acc_point(self, snap: Snapshot, energy_ok: bool) -> AccPoint | None:
         if not snap.ok:
@@ -725,14 +845,17 @@ class LineService:
         )
 
     def _operator_requests(self) -> None:
-        # A reset acts once the PLCs answer: before that there is nothing to reset yet.
-        if self._reset_request and self.ctl.state is not LineState.OFFLINE:
+        # A reset acts once both PLCs have answered and the controller has seen what
+        # they hold latched: before that there is nothing to reset yet.
+        if self._reset_request and self._first_contact and self.ctl.state is not LineState.OFFLINE:
             self._reset_request = False
+            actor, self._reset_actor = self._reset_actor, "operator"
             try:
-                self.ctl.request_reset()
-                self._audit("reset", {}, accepted=True)
+                self._reset(actor)
+                self._audit("reset", {}, accepted=True, actor=actor)
             except CommandRefused as exc:
-                self._audit("reset", {}, accepted=False, reason=str(exc))
+                self._audit("reset", {}, accepted=False, reason=str(exc), actor=actor)
+            self._startup_reset = False
         if self._resume_request is not None and self.ctl.state is not LineState.OFFLINE:
             operator, self._resume_request = self._resume_request, None
             plan = self.interrupted_reel()
@@ -770,49 +893,17 @@ class LineService:
                     actor=req.operator,
                 )
 
-    async def _configure_plcs(self) -> None:
-        """After every (re)connect: the watchdog timeout and the conveyor's ramp rate
-        (a restarted PLC is back at its defaults)."""
-        settings: list[tuple[PlcLink, dict[str, float]]] = [
-            (self.acc, {"watchdog_timeout": self.cfg.line.watchdog_timeout_ms}),
-            (
-                self.cnv,
-                {
-                    "watchdog_timeout": self.cfg.line.watchdog_timeout_ms,
-                    "ramp_rate": self.tuning.line_ramp_m_min_s,
-                },
-            ),
-        ]
-        for link, values in settings:
-            if not link.connected or self._connects[link.name] == link.stats.connects:
-                continue
-            try:
-                await link.write_many(values, verify=True)
-                self._connects[link.name] = link.stats.connects
-                log.info("%s configured: %s", link.name, values)
-            except PlcError as exc:
-                log.warning("%s: could not configure (%s); will retry", link.name, exc)
-
-    async def _write(self, out: Outputs, *, acc_ok: bool, cnv_ok: bool) -> None:
+    async def _write_now(self, out: Outputs) -> None:
+        """Write both PLCs now and wait for it (shutdown only: the I/O tasks are
+        stopped by then). A PLC that does not answer costs at most its timeout."""
         jobs = []
-        if self.acc.connected:
-            jobs.append(self._write_one(self.acc, acc_writes(out, self.cfg.accelerator_map)))
-        if self.cnv.connected:
-            jobs.append(self._write_one(self.cnv, cnv_writes(out, self.cfg.conveyor_map)))
+        for link, values in (
+            (self.acc, acc_writes(out, self.cfg.accelerator_map)),
+            (self.cnv, cnv_writes(out, self.cfg.conveyor_map)),
+        ):
+            if link.connected:
+                jobs.append(_write_direct(link, link.with_heartbeat(values)))
         await asyncio.gather(*jobs)
-
-    async def _write_one(self, link: PlcLink, values: Mapping[str, float]) -> None:
-        # Not verified here: the holding block is read back on the next poll anyway, and
-        # a second request per cycle would halve the link's headroom.
-        try:
-            await link.write_many(values, verify=False)
-        except PlcError as exc:
-            log.debug("%s write failed: %s", link.name, exc)  # the link logs state changes
-        except LocalError as exc:
-            # A value the map refuses (out of its range): a bug upstream, never a reason
-            # to end the cycle that keeps the watchdogs alive. The PLC keeps its last
-            # values; the next cycle tries again.
-            log.error("%s write refused before I/O: %s", link.name, exc)
 
     def _events(self) -> None:
         transitions, alarms = self.ctl.take_events()
@@ -820,6 +911,14 @@ class LineService:
         wall = self.wall()
         for tr in transitions:
             log.info("state %s -> %s: %s", tr.old.value, tr.new.value, tr.cause)
+            if (
+                reel_id is not None
+                and tr.old in (LineState.STARTING, LineState.RUNNING)
+                and tr.new in (LineState.FAULT, LineState.OFFLINE)
+            ):
+                self._fault_stopped = reel_id  # an operator reset brings it back
+            elif tr.new is LineState.RUNNING or tr.old is LineState.RUNNING:
+                self._fault_stopped = None
             self._state_ms, self._state_cause = self._cycle_ms, tr.cause
             for on_tr in self.on_transition:
                 on_tr(tr)
@@ -1058,9 +1157,11 @@ class LineService:
             energy_sp_mev=self.recipe.energy_mev,
             scan_width_sp_cm=self.recipe.scan_width_cm,
         )
+        await self.acc.stop_io()
+        await self.cnv.stop_io()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
-                await self._write(safe, acc_ok=True, cnv_ok=True)
+                await self._write_now(safe)
         if clean:
             await self._disarm_watchdogs(safe)
         if self.ledger is not None and self.ctl.reel is not None:
@@ -1089,11 +1190,18 @@ def _max_travel_m(since_wall: object, now_wall: str) -> float:
     return MAX_LINE_SPEED_M_MIN / 60.0 * (max(0.0, down_s) + 60.0)
 
 
+async def _write_direct(link: PlcLink, values: Mapping[str, float]) -> None:
+    try:
+        await link.write_many(values, verify=False)
+    except PlcError as exc:
+        log.warning("%s: safe state not written: %s", link.name, exc)
+
+
 async def _disarm(link: PlcLink, safe: Mapping[str, float]) -> bool:
     try:
         async with asyncio.timeout(1.0):
             # Only once the safe state is written and read back.
-            await link.write_many(safe, verify=True)
+            await link.write_many(link.with_heartbeat(safe), verify=True)
             await link.write_many({"watchdog_timeout": 0}, verify=True)
     except (PlcError, TimeoutError) as exc:
         why = str(exc) or "no answer within 1.0 s"

@@ -227,7 +227,10 @@ async def test_sigterm_stops_the_line_safely_before_exit(
         await asyncio.sleep(1.0)
         assert not sim.plant.accelerator.watchdog_trip
         assert not sim.plant.accelerator.fault_latched
-        assert not sim.plant.conveyor.fault_latched
+        assert not sim.plant.conveyor.fault_latched, (
+            sim.plant.conveyor.fault_code,
+            err.decode()[-3000:],
+        )
         assert not sim.plant.accelerator.hv_on_req
     log = err.decode()
     assert "stopping: bringing the line to a safe stop" in log

@@ -131,6 +131,30 @@ def conveyor_at_standstill(cnv: CnvView) -> bool:
     return not cnv.running and cnv.speed_m_min < 0.05
 
 
+ACC_WATCHDOG_FAULT_CODE = 7
+"""The accelerator's fault code for a watchdog trip (plc-interface.md)."""
+CNV_WATCHDOG_FAULT_CODE = 5
+"""The conveyor's fault code for a watchdog trip."""
+
+
+def watchdog_trips_only(acc: AccView, cnv: CnvView) -> bool:
+    """Both PLCs answering, at least one with a latched fault, and every latched fault a
+    watchdog trip (WATCHDOG_TRIP set and the watchdog's fault code): what a controller
+    that was away (killed, host down) leaves behind, and nothing else."""
+    if not (acc.ok and cnv.ok):
+        return False
+    tripped = False
+    for fault, trip, code, wd_code in (
+        (acc.fault, acc.watchdog_trip, acc.fault_code, ACC_WATCHDOG_FAULT_CODE),
+        (cnv.fault, cnv.watchdog_trip, cnv.fault_code, CNV_WATCHDOG_FAULT_CODE),
+    ):
+        if fault:
+            if not (trip and code == wd_code):
+                return False
+            tripped = True
+    return tripped
+
+
 def at_rest(acc: AccView, cnv: CnvView) -> bool:
     """Both PLCs answering, the conveyor at a standstill and the beam off: no cable moves
     and none is irradiated."""
@@ -462,7 +486,8 @@ class Controller:
             trips.append(("estop", "emergency stop on the conveyor"))
         if cnv.cable_break:
             trips.append(("cable_break", "cable break"))
-        if cnv.fault and active:
+        if cnv.fault:
+            # In any state: a fault latched while IDLE is an alarm an operator can reset.
             trips.append(("conveyor_fault", f"conveyor fault code {cnv.fault_code}"))
         if acc.fault and (active or acc.fault_code not in (0,)):
             trips.append(("accelerator_fault", f"accelerator fault code {acc.fault_code}"))
@@ -535,6 +560,11 @@ class Controller:
             reasons.append(f"conveyor fault {cnv.fault_code}")
         if cnv.estop:
             reasons.append("e-stop")
+        if not conveyor_at_standstill(cnv):
+            # A reel starts on a standing line: its coordinate 0 is the counter then.
+            reasons.append("conveyor still moving")
+        if beam_measured_on(acc):
+            reasons.append("beam still on")
         if self.alarms:
             reasons.append("alarms not reset: " + ", ".join(sorted(self.alarms)))
         self._not_ready_reason = "; ".join(reasons)

@@ -8,6 +8,13 @@ register map, writes, reads back and raises a `linectl.errors` type on any failu
 Every wait is bounded: connect by `connect_timeout_s`, each request by `timeout_s`, and
 a request never waits for a connection (not connected means no I/O at all), so a dead
 PLC can cost a caller at most one timeout per request and never stalls another link.
+
+The control cycle does not call `poll()` and `write_many()` itself: it runs each link's
+own I/O task (`start_io`), asks it for a poll (`request_poll`), waits for the answer at
+most a bounded time, reads the freshest `latest` snapshot and hands its writes over with
+`post()`. So a silent, slow or reconnecting PLC never delays the control cycle, nor a
+write to the other PLC. The I/O task also owns what a (re)connect needs before the first
+write: the heartbeat changes before any setting that could arm the PLC's watchdog.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from linectl.codec import decode
 from linectl.config import PlcEndpoint, PlcName, RegisterField, RegisterMap
 from linectl.errors import (
     LocalError,
+    PlcError,
     PlcExceptionError,
     PlcTimeoutError,
     PlcUnavailableError,
@@ -57,6 +65,10 @@ EWMA_ALPHA: Final = 0.1
 """Weight of the newest latency in the moving average."""
 CLOCK_FIELD: Final = "clock"
 """The map field holding the PLC's free-running millisecond clock."""
+HEARTBEAT_FIELD: Final = "watchdog"
+"""The holding field the controller changes every cycle (the PLC's watchdog)."""
+QUEUE_MAX: Final = 8
+"""Posted writes kept at most while a PLC is slow (each a command-word change)."""
 
 EXCEPTION_NAMES: Final[dict[int, str]] = {
     1: "illegal function",
@@ -105,7 +117,7 @@ class Snapshot:
     poll costs its requests and little else. Read-only by contract.
     """
 
-    __slots__ = ("_cache", "_index", "connected", "host_time_s", "plc", "reads")
+    __slots__ = ("_cache", "_index", "connected", "host_time_s", "plc", "reads", "seq")
 
     def __init__(
         self,
@@ -114,8 +126,12 @@ class Snapshot:
         connected: bool,
         reads: tuple[BlockRead, ...],
         index: Mapping[str, tuple[int, RegisterField]],
+        *,
+        seq: int = 0,
     ) -> None:
         self.plc: PlcName = plc
+        self.seq = seq
+        """The link's poll count when this snapshot was taken (tells a new one apart)."""
         self.host_time_s = host_time_s
         """Link clock when the poll finished."""
         self.connected = connected
@@ -129,6 +145,15 @@ class Snapshot:
     def ok(self) -> bool:
         """True when every value is GOOD."""
         return all(r.quality is Quality.GOOD for r in self.reads)
+
+    def age_s(self, now_s: float) -> float:
+        """How old the oldest block's data is at `now_s` (link clock); inf when a block
+        has none. The control cycle judges freshness by this, not by the connection."""
+        if not self.reads:
+            return math.inf
+        return max(
+            (now_s - r.host_time_s) if r.registers is not None else math.inf for r in self.reads
+        )
 
     def get(self, name: str) -> Sample:
         """The named field's sample; LocalError if the map has no such field."""
@@ -256,6 +281,7 @@ class PlcLink:
         register_map: RegisterMap,
         *,
         clock: Callable[[], float] = time.monotonic,
+        heartbeat_field: str | None = HEARTBEAT_FIELD,
     ) -> None:
         if register_map.plc != name:
             raise LocalError(f"link {name!r} given the register map of {register_map.plc!r}")
@@ -281,7 +307,31 @@ class PlcLink:
         self._up: bool | None = None  # None until the first connect attempt ends
         self._down_since: float | None = None
         self._answered = False  # the current connection has answered a request
+        self._connect_failed = False  # the latest connect attempt failed
         self._failing_blocks: set[int] = set()
+        # The heartbeat (the PLC's `watchdog` register): every write that carries it
+        # gets the next value from here, so it changes with every write the control
+        # cycle hands over, and a (re)connect can make it change before anything else.
+        self._hb_field: RegisterField | None = None
+        if heartbeat_field is not None and heartbeat_field in {
+            f.name for f in register_map.by_table["holding"]
+        }:
+            self._hb_field = register_map.field(heartbeat_field)
+        self._hb = 0
+        # The I/O task (start_io): pending writes, poll requests, the latest snapshot.
+        self._io_task: asyncio.Task[None] | None = None
+        self._io_stopping = False
+        self._io_wake = asyncio.Event()
+        self._queue: deque[dict[str, float]] = deque()
+        self._poll_seq = 0  # polls requested
+        self._poll_done = 0  # polls finished (or given up: not connected)
+        self._poll_event = asyncio.Event()
+        self._on_connect: dict[str, float] = {}
+        self._configured_gen = -1  # the connection generation the I/O task configured
+        self.latest: Snapshot | None = None
+        """The freshest snapshot the I/O task took (None before its first poll)."""
+        self.writes_dropped = 0
+        """Posted writes replaced by a newer one before they could be sent."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -295,7 +345,8 @@ class PlcLink:
         self._manager = asyncio.create_task(self._manage(), name=f"modbus-link-{self.name}")
 
     async def close(self) -> None:
-        """Stop the manager and drop the connection. Idempotent."""
+        """Stop the I/O task and the manager and drop the connection. Idempotent."""
+        await self.stop_io()
         self._closed = True
         task, self._manager = self._manager, None
         if task is not None:
@@ -320,6 +371,22 @@ class PlcLink:
     def connected(self) -> bool:
         """True while a TCP connection to the PLC is open."""
         return self._client is not None and self._client.connected
+
+    def now(self) -> float:
+        """The link's clock (the time base of its snapshots' host times)."""
+        return self._clock()
+
+    @property
+    def answering(self) -> bool:
+        """True while connected and the connection has answered a request: a PLC that
+        accepts connections and never answers is never `answering`."""
+        return self.connected and self._answered
+
+    @property
+    def unreachable(self) -> bool:
+        """True when there is no connection and the latest attempt to make one failed
+        (refused, or timed out): the PLC is lost now, whatever the age of its data."""
+        return not self.connected and self._connect_failed
 
     async def wait_connected(self, timeout_s: float) -> bool:
         """Wait until connected, at most timeout_s; returns whether it is."""
@@ -388,15 +455,20 @@ class PlcLink:
         if not ok or not client.connected:
             client.close()
             self.stats.connect_failures += 1
+            self._connect_failed = True
             self._mark_down(why)
+            self._io_wake.set()
             return False
         self._lost.clear()
         self._client = client
         self._answered = False
+        self._connect_failed = False
         self.stats.connects += 1
         if self.stats.connects > 1:
             self.stats.reconnects += 1
-        self._mark_up()
+        # Connected is not recovered: the link is up once this connection answers.
+        self._up_event.set()
+        self._io_wake.set()
         return True
 
     def _drop_client(self) -> None:
@@ -416,7 +488,7 @@ class PlcLink:
         ep = self.endpoint
         if self._up is False and self._down_since is not None:
             log.info(
-                "%s: link recovered after %.3f s (%s:%d)",
+                "%s: link recovered after %.3f s (%s:%d answers again)",
                 self.name,
                 self._clock() - self._down_since,
                 ep.host,
@@ -426,7 +498,6 @@ class PlcLink:
             log.info("%s: link up (%s:%d)", self.name, ep.host, ep.port)
         self._up = True
         self._down_since = None
-        self._up_event.set()
 
     def _mark_down(self, why: str) -> None:
         if self._up is False:
@@ -470,6 +541,9 @@ class PlcLink:
         if pdu.function_code & 0x7F != fc:
             # An answer to another request: never decode it as this one's.
             self._fail(client, "protocol", f"asked FC{fc}, answer is FC{pdu.function_code & 0x7F}")
+        if not self._answered:  # an exception reply is an answer too: the PLC is there
+            self._answered = True
+            self._mark_up()
         if pdu.isError():
             code = int(pdu.exception_code)
             self.stats.errors["exception"] += 1
@@ -479,7 +553,6 @@ class PlcLink:
             got = len(pdu.registers)
             self._fail(client, "protocol", f"asked FC{fc} for {count} registers, got {got}")
         self.stats.record_latency(fc, time.perf_counter() - t0)
-        self._answered = True
         return pdu
 
     def _fail(
@@ -626,6 +699,170 @@ class PlcLink:
         if exc.kind == "timeout":
             return PlcTimeoutError(self.name, f"{what}: {exc}")
         return PlcUnavailableError(self.name, f"{what}: {exc}")
+
+    # ------------------------------------------------------------------ heartbeat
+
+    def with_heartbeat(self, values: Mapping[str, float]) -> dict[str, float]:
+        """`values` with the heartbeat field, if there, set to the link's next heartbeat:
+        every write the control cycle hands over changes it, and it continues from what
+        the PLC held at connect, so the first write after a (re)connect changes it too."""
+        out = dict(values)
+        f = self._hb_field
+        if f is not None and f.name in out:
+            self._hb = (self._hb + 1) % (1 << (16 * f.width))
+            out[f.name] = self._hb
+        return out
+
+    def _seed_heartbeat(self, snap: Snapshot) -> bool:
+        """Continue the heartbeat from the PLC's own register, so that the next write
+        changes it whatever value an earlier controller (or a restart) left there.
+        False when the register could not be read."""
+        if self._hb_field is None:
+            return True
+        sample = snap.get(self._hb_field.name)
+        if sample.quality is not Quality.GOOD or sample.value is None:
+            return False
+        self._hb = int(sample.value)
+        return True
+
+    # ------------------------------------------------------------------ I/O task
+
+    def start_io(self, on_connect: Mapping[str, float] | None = None) -> None:
+        """Start the link's I/O task. After every (re)connect it polls once, changes the
+        heartbeat (alone, so it cannot come after a setting in another request), then
+        writes `on_connect` (e.g. the watchdog timeout; a restarted PLC is back at its
+        defaults), verified; only then the writes posted by the control cycle."""
+        self._check_running()
+        if self._io_task is not None:
+            raise LocalError(f"{self.name}: I/O task already started")
+        if on_connect:
+            plan_writes(self.register_map, on_connect)  # LocalError now, not at connect
+        self._on_connect = dict(on_connect or {})
+        self._io_task = asyncio.create_task(self._io(), name=f"modbus-io-{self.name}")
+
+    async def stop_io(self) -> None:
+        """Stop the I/O task once its request in flight is answered (or timed out), so
+        that the connection is left clean for a last write; what is still queued is not
+        sent. Idempotent."""
+        task, self._io_task = self._io_task, None
+        self._queue.clear()
+        if task is None:
+            return
+        self._io_stopping = True
+        self._io_wake.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.endpoint.timeout_s + 0.1):
+                await asyncio.shield(task)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def request_poll(self) -> int:
+        """Ask the I/O task for a poll; returns its number for `wait_poll`."""
+        self._poll_seq += 1
+        self._io_wake.set()
+        return self._poll_seq
+
+    async def wait_poll(self, seq: int, timeout_s: float) -> bool:
+        """Wait at most timeout_s for poll `seq` to finish; whether it did. A link with
+        no connection finishes its polls at once (with data that only ages)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._poll_done < seq:
+                    self._poll_event.clear()
+                    await self._poll_event.wait()
+        return self._poll_done >= seq
+
+    def post(self, values: Mapping[str, float]) -> None:
+        """Hand over a write; returns at once, the I/O task sends it.
+
+        Latest value wins: a write not yet sent is replaced by a newer one with the same
+        command word (its set-points are out of date anyway); a write that changes the
+        command word is kept and sent in order, so an edge (FAULT_RESET, RUN, BEAM_ON)
+        is never merged away. While there is no connection only the newest is kept: an
+        edge for a PLC we could not see is no command anyone meant."""
+        w = self.with_heartbeat(values)
+        q = self._queue
+        if q and q[-1].get("command") == w.get("command"):
+            q[-1] = w
+            self.writes_dropped += 1
+        else:
+            q.append(w)
+        if not self.connected or len(q) > QUEUE_MAX:
+            while len(q) > 1:
+                q.popleft()
+                self.writes_dropped += 1
+        self._io_wake.set()
+
+    @property
+    def configured(self) -> bool:
+        """True when the current connection has had its heartbeat and on-connect writes."""
+        return self.connected and self._configured_gen == self._generation
+
+    async def _io(self) -> None:
+        while not self._io_stopping:
+            await self._io_wake.wait()
+            self._io_wake.clear()
+            if self._io_stopping:
+                return
+            try:
+                await self._io_round()
+            except PlcError as exc:
+                log.debug("%s: %s", self.name, exc)  # state changes are logged once
+            except LocalError as exc:
+                # A value the map refuses (out of its range): a bug upstream, never a
+                # reason to end the task that keeps the watchdog alive.
+                log.error("%s: write refused before I/O: %s", self.name, exc)
+
+    async def _io_round(self) -> None:
+        if not self.connected:
+            self._finish_polls(self._degraded_snapshot())
+            while len(self._queue) > 1:
+                self._queue.popleft()
+                self.writes_dropped += 1
+            return
+        if self._configured_gen != self._generation:
+            await self._configure()
+            if not self.configured:
+                return
+        while self._queue and self.connected:
+            w = self._queue.popleft()
+            await self.write_many(w, verify=False)
+        if self._poll_done < self._poll_seq:
+            seq = self._poll_seq
+            snap = await self.poll()
+            self._finish_polls(snap, seq)
+        if self._queue or self._poll_done < self._poll_seq:
+            self._io_wake.set()
+
+    def _finish_polls(self, snap: Snapshot, seq: int | None = None) -> None:
+        snap.seq = self._poll_seq if seq is None else seq
+        self.latest = snap
+        self._poll_done = snap.seq
+        self._poll_event.set()
+
+    async def _configure(self) -> None:
+        gen = self._generation
+        snap = await self.poll()
+        self._finish_polls(snap, self._poll_seq)
+        if gen != self._generation or not self.connected:
+            return
+        if self._hb_field is not None:
+            hb = self._hb_field.name
+            if not self._seed_heartbeat(snap):
+                # Value unknown: two writes of consecutive values change it for sure.
+                await self.write_many(self.with_heartbeat({hb: 0}), verify=False)
+            await self.write_many(self.with_heartbeat({hb: 0}), verify=False)
+        if self._on_connect:
+            await self.write_many(self._on_connect, verify=True)
+            log.info("%s configured: %s", self.name, self._on_connect)
+        if gen == self._generation:
+            self._configured_gen = gen
+
+    def _degraded_snapshot(self) -> Snapshot:
+        now = self._clock()
+        reads = tuple(self._degraded(i, now) for i in range(len(self.blocks)))
+        return Snapshot(self.name, now, self.connected, reads, self._index)
 
 
 def _same(want: float | int, got: float | int) -> bool:
