@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -570,16 +569,19 @@ def _cmd_config_schema(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_sim(args: argparse.Namespace, out: TextIO) -> int:
     rest: list[str] = args.rest
-    # Imported by name at call time: the CLI works without the simulators, and mypy's
-    # strict run on linectl/ does not pull the simulators' code into its check.
+    # Imported lazily: the CLI works without the simulators (mypy skips their code: see
+    # [tool.mypy] in pyproject.toml).
     try:
-        module: Any = importlib.import_module("simulators.cli")
+        import simulators.cli  # noqa: F401, PLC0415 - only `linectl sim` needs them
     except ModuleNotFoundError as exc:
         if exc.name not in ("simulators", "simulators.cli"):
             raise
         print("linectl: error: the simulators are not installed (simulators.cli)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    sim_main = cast(Callable[[list[str]], int | None], module.main)
+    # What sys.modules holds (a test's stand-in included): `simulators.cli` as a name
+    # is the package's attribute, which an earlier import may have set to the real one.
+    sim_cli = sys.modules["simulators.cli"]
+    sim_main = cast(Callable[[list[str]], int | None], sim_cli.main)
     try:
         code = sim_main(rest)
     except SystemExit as exc:  # its argparse on --help or a usage error

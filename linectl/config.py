@@ -12,6 +12,7 @@ Errors name the file, the field and what is wrong. Environment variables
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import os
@@ -25,6 +26,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -519,6 +521,14 @@ class LineConfig(_Strict):
 class Recipe(_Strict):
     """A validated product recipe. Doses in kGy, speeds in m/min, currents in mA."""
 
+    _source_sha256: str | None = PrivateAttr(default=None)
+
+    @property
+    def source_sha256(self) -> str | None:
+        """sha256 of the file bytes this recipe was validated from (load_recipe); None
+        for a recipe built in code."""
+        return self._source_sha256
+
     product: Annotated[str, Field(min_length=1)]
     """Product name."""
     version: Annotated[str, Field(min_length=1)]
@@ -638,9 +648,14 @@ def _format_validation(path: Path, exc: ValidationError) -> str:
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Parse a TOML file; ConfigError names the file and the line of a syntax error."""
+    return read_toml_bytes(path)[0]
+
+
+def read_toml_bytes(path: Path) -> tuple[dict[str, Any], bytes]:
+    """Parse a TOML file read once: the table and the very bytes it was parsed from."""
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        raw = path.read_bytes()
+        return tomllib.loads(raw.decode("utf-8")), raw
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except tomllib.TOMLDecodeError as exc:
@@ -700,10 +715,13 @@ def load_register_map(path: Path) -> RegisterMap:
 
 def load_recipe(path: Path, line: LoadedConfig | None = None) -> Recipe:
     """Load and validate a recipe; with a line, cross-check it against the line."""
+    data, raw = read_toml_bytes(path)
     try:
-        recipe = Recipe.model_validate(read_toml(path))
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation(path, exc)) from None
+    # Records name the bytes that were validated, not whatever the file holds later.
+    recipe._source_sha256 = hashlib.sha256(raw).hexdigest()
     if line is not None:
         try:
             recipe.check_against(line.line.geometry, line.accelerator_map)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any, Protocol, TextIO
 import aiomqtt
 
 from linectl.aio import stop_task
+from linectl.commands import CommandError, parse_command
 from linectl.config import default_config_dir, load_config
 from linectl.errors import LocalError
 from linectl.metrics import LineMetrics
@@ -72,12 +74,21 @@ def run_command(args: argparse.Namespace, out: TextIO) -> int:
         raise LocalError("--reel needs --length (planned reel length, m)")
     if args.length is not None and args.length <= 0:
         raise LocalError(f"--length must be positive, not {args.length}")
+    if args.reel and args.resume:
+        raise LocalError("give --reel for a new reel or --resume for an unfinished one, not both")
+    if args.reel:
+        # The checks an MQTT start_reel gets (id, length, operator), before anything runs.
+        start: dict[str, object] = {"reel_id": args.reel, "length_m": args.length}
+        if args.operator:
+            start["operator"] = args.operator
+        try:
+            parse_command(json.dumps(start), name="start_reel", sender="linectl-run", source="cli")
+        except CommandError as exc:
+            raise LocalError(f"--reel/--length/--operator: {exc}") from None
     recipe, recipe_path = select_recipe(cfg, args.recipe)
     service = LineService(cfg, recipe, recipe_path, store_path=args.db)
     if args.reset_faults:
         service.request_reset()
-    if args.reel and args.resume:
-        raise LocalError("give --reel for a new reel or --resume for an unfinished one, not both")
     if args.reel:
         service.request_reel(ReelRequest(args.reel, args.length, args.operator))
     if args.resume:
@@ -88,6 +99,9 @@ def run_command(args: argparse.Namespace, out: TextIO) -> int:
         file=out,
     )
     asyncio.run(_run(service, exit_when_done=args.exit_after_reel))
+    if service.reel_refused is not None:
+        # Refused on the line, as start_reel would be (a reel id used before, say).
+        raise LocalError(f"--reel refused: {service.reel_refused}")
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -109,7 +108,7 @@ def _free_port() -> int:
 async def _embedded_broker(out: TextIO) -> AsyncIterator[tuple[str, int]]:
     """An MQTT 3.1.1 broker (amqtt) in this process, on 127.0.0.1 and a free port only."""
     try:
-        broker_mod: Any = importlib.import_module("amqtt.broker")
+        from amqtt.broker import Broker  # noqa: PLC0415 - optional dependency (extra "broker")
     except ImportError:
         raise LocalError(
             "the embedded broker needs amqtt: pip install -e '.[demo]', or give --broker "
@@ -123,7 +122,7 @@ async def _embedded_broker(out: TextIO) -> AsyncIterator[tuple[str, int]]:
     }
     for name in ("amqtt", "transitions"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    broker = broker_mod.Broker(config)
+    broker = Broker(config)
     await broker.start()
     out.write(f"embedded MQTT broker (amqtt, MQTT 3.1.1) on 127.0.0.1:{port}\n")
     try:
@@ -211,9 +210,10 @@ async def _run_demo(
         viewer = asyncio.create_task(_subscribe(cfg.line.mqtt, cfg.line.line_id, got, ready))
         async with asyncio.timeout(10.0):
             await ready.wait()
-    # Loaded by name: the simulators are a separate package the controller never needs.
-    sim: Any = importlib.import_module("simulators.server")
-    async with sim.SimulatedLine(
+    # Imported lazily: the simulators are a separate package the controller never needs.
+    from simulators.server import SimulatedLine  # noqa: PLC0415 - only the demo needs them
+
+    async with SimulatedLine(
         cfg, seed=args.seed, arc_rate_per_h=args.arc_rate, k_dose_true=recipe.k_dose
     ) as line:
         acc_ep = cfg.line.accelerator.model_copy(update={"port": line.acc_port})

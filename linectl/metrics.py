@@ -70,7 +70,15 @@ MODBUS_FUNCTIONS: Final[dict[int, str]] = {
 LINK_ERROR_KINDS: Final = ("timeout", "exception", "disconnect", "protocol")
 """The `kind` label of linectl_modbus_errors_total (the links' LinkStats.errors keys)."""
 
-METRE_CAUSES: Final = ("incomplete", "unproven", "standstill", "over_dose", "under_dose", "energy")
+METRE_CAUSES: Final = (
+    "incomplete",
+    "unproven",
+    "gap",
+    "standstill",
+    "over_dose",
+    "under_dose",
+    "energy",
+)
 """The causes the dose ledger gives a metre that is not in spec, created at zero so that
 `increase()` sees the first one; any other cause the ledger reports is still counted."""
 

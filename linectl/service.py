@@ -111,8 +111,12 @@ class CycleStats:
                 del xs[: len(xs) - self.keep]
 
 
-def recipe_hash(path: Path) -> str:
-    """sha256 of the recipe file's bytes: records name exactly what was validated."""
+def recipe_hash(recipe: Recipe, path: Path) -> str:
+    """sha256 of the bytes the recipe was validated from (config.load_recipe keeps it),
+    so that records name exactly what was validated; a recipe built in code has no such
+    bytes, and its file is read (never on the control cycle: _use_recipe)."""
+    if recipe.source_sha256 is not None:
+        return recipe.source_sha256
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -155,6 +159,7 @@ class LineService:
         self.line_id = cfg.line.line_id
         self.recipe = recipe
         self.recipe_path = recipe_path
+        self._recipe_sha256 = recipe_hash(recipe, recipe_path)
         self.clock = clock
         self.wall = wall
         self.wall_ms = wall_ms
@@ -185,6 +190,8 @@ class LineService:
         self._reel_request: ReelRequest | None = None
         self._resume_request: str | None = None  # the operator who asked to resume
         self._resume: dict[str, Any] | None = None  # an interrupted reel found at start
+        self._resume_position_lost = False  # the conveyor restarted while we were away
+        self._close_pending: str | None = None  # close the reel once the line stands
         self._reset_request = False
         self._reset_actor = "operator"
         self._startup_reset = False  # the start-up reset of watchdog trips is pending
@@ -215,6 +222,7 @@ class LineService:
         self._alarm_ms: dict[str, int] = {}
         self._unacked: dict[str, int] = {}  # alarm kind -> unacknowledged occurrences
         self._opened_reels: set[str] = set()
+        self.reel_refused: str | None = None  # why request_reel's reel did not start
         # Since when the cable and the beam have been seen at rest (conveyor stopped,
         # beam off, both PLCs answering): end_reel needs the ledger caught up with it.
         self._at_rest_since_s: float | None = None
@@ -544,6 +552,7 @@ class LineService:
 
     def _use_recipe(self, recipe: Recipe, path: Path) -> None:
         self.recipe, self.recipe_path = recipe, path
+        self._recipe_sha256 = recipe_hash(recipe, path)
         self.ctl.recipe = recipe
 
     def _cmd_ack(self, cmd: Command) -> list[str]:
@@ -638,19 +647,34 @@ class LineService:
     async def _find_interrupted_reel(self) -> None:
         assert self._store is not None
         store = self._store
+        # Every id in the records is taken: a start with one is refused before it
+        # touches the line (MQTT and --reel alike), not failed by the store afterwards.
+        self._opened_reels |= await asyncio.to_thread(store.reel_ids)
         reel = await asyncio.to_thread(store.find_open_reel, self.line_id)
         if reel is None:
             return
         ckpt = await asyncio.to_thread(store.load_state, reel.reel_id, LEDGER_STATE)
         recipe = Recipe.model_validate_json(reel.recipe_json)
+        # The checkpoint itself holds the ledger's bins (kilobytes): its gist only.
+        gist = (
+            "none (the reel never started)"
+            if ckpt is None
+            else ", ".join(
+                f"{k} {ckpt[k]}" for k in ("next_metre", "position_m", "wall") if k in ckpt
+            )
+            + ("" if "ledger" in ckpt else " (no ledger state: an older checkpoint)")
+        )
         log.warning(
             "found interrupted reel %s (recipe %s v%s); checkpoint: %s",
             reel.reel_id,
             recipe.product,
             recipe.version,
-            ckpt,
+            gist,
         )
         self.recipe = recipe
+        # The recipe in use is the one the reel was started with, so is its hash (the
+        # file named at this start may hold something else by now).
+        self._recipe_sha256 = reel.recipe_hash
         self.ctl = Controller(recipe, self.cfg.line.geometry, self.tuning)
         self._opened_reels.add(reel.reel_id)  # its id is taken, whatever becomes of it
         # Without a checkpoint the reel never reached its start (no cable was accounted):
@@ -874,6 +898,13 @@ class LineService:
             plan = ReelPlan(req.reel_id, req.length_m, req.operator)
             try:
                 resuming = self.ctl.reel is not None and self.ctl.reel.plan.reel_id == req.reel_id
+                if not resuming and req.reel_id in self._opened_reels:
+                    # The check start_reel makes (_cmd_start): --reel gets it too.
+                    if self._exit_when_done:
+                        self._stop.set()
+                    raise CommandRefused(
+                        f"reel {req.reel_id!r} exists already: a reel id is used once"
+                    )
                 self.ctl.request_start(plan)
                 if not resuming:
                     self._open_reel(plan)
@@ -885,6 +916,7 @@ class LineService:
                 )
             except CommandRefused as exc:
                 log.error("reel %s refused: %s", req.reel_id, exc)
+                self.reel_refused = f"reel {req.reel_id}: {exc}"
                 self._audit(
                     "start_reel",
                     {"reel_id": req.reel_id},
@@ -969,6 +1001,9 @@ class LineService:
         reel = self.ctl.reel
         if reel is None:
             return
+        if self._close_pending is not None:
+            self._close_when_stopped()
+            return
         records: list[MetreRecord] = []
         for sample in samples:
             if self.ledger is None:
@@ -993,6 +1028,15 @@ class LineService:
             self.finished_reels.append(reel_id)
             if self._exit_when_done:
                 self._stop.set()
+
+    def _close_when_stopped(self) -> None:
+        """Close the reel _close_pending names once the line it was starting on stands
+        (the controller closes no reel on a moving line); no ledger meanwhile."""
+        assert self._close_pending is not None
+        if self.ctl.state in (LineState.STARTING, LineState.RUNNING, LineState.STOPPING):
+            return
+        reason, self._close_pending = self._close_pending, None
+        self._close_reel(reason)
 
     def _close_reel(self, reason: str) -> str:
         """Close the current reel: in the controller now, in the store after every record
@@ -1022,13 +1066,14 @@ class LineService:
         assert self.ledger is not None
         assert self.ctl.reel is not None
         reel_id = self.ctl.reel.plan.reel_id
-        ckpt = {
+        ckpt: dict[str, Any] = {
             "position_m": self.ledger.position_m,
             "length_counter_m": self._last_sample_length_m,
             "next_metre": self.ledger.next_metre,
             "uncertainty_m": self.ledger.position_uncertainty_m,
             "wall": self.wall(),
         }
+        ckpt.update(self._resume_state())
         self._last_ckpt_t = t_s
         self.records_written += len(records)
         wall = self.wall()
@@ -1037,6 +1082,28 @@ class LineService:
             for on_metres in self.on_metres:
                 on_metres(reel_id, batch)
         self._submit(lambda s: s.add_metres(reel_id, batch, wall, state={LEDGER_STATE: ckpt}))
+
+    def _resume_state(self) -> dict[str, Any]:
+        """What a restart needs to continue the ledger exactly: its whole state, how old
+        its last sample is, and the PLCs' clocks (a PLC that restarted while linectl was
+        away shows it there). Empty if the state cannot be taken."""
+        assert self.ledger is not None
+        last_t_s = self.ledger.last_sample_t_s
+        try:
+            state = self.ledger.checkpoint()
+        except (RuntimeError, ValueError) as exc:
+            log.warning("ledger state not checkpointed (a restart will not resume it): %s", exc)
+            return {}
+        now_s = self.cnv.now()
+        return {
+            "ledger": state,
+            "wall_ms": self.wall_ms(),
+            "sample_age_s": 0.0 if last_t_s is None else max(0.0, now_s - last_t_s),
+            "plc_clocks": {
+                link.name: _clock_reading(snap, link.now())
+                for link, snap in ((self.acc, self.last_acc), (self.cnv, self.last_cnv))
+            },
+        }
 
     def _new_ledger(self) -> DoseLedger:
         assert self.ctl.reel is not None
@@ -1078,7 +1145,7 @@ class LineService:
             line_id=self.line_id,
             recipe_product=self.recipe.product,
             recipe_version=self.recipe.version,
-            recipe_hash=recipe_hash(self.recipe_path),
+            recipe_hash=self._recipe_sha256,
             recipe_json=self.recipe.model_dump_json(),
             operator=plan.operator,
             planned_length_m=plan.planned_length_m,
@@ -1089,16 +1156,27 @@ class LineService:
     def _resume_ledger(self, sample: Any) -> None:
         """A restarted controller picks up an interrupted reel.
 
-        Metres it did not see complete (those that were under the passes when it went
-        down, and those that moved under them while it was down) are recorded unproven;
-        the count continues from the first metre that has not reached pass 0 yet.
+        From its checkpointed ledger when it can (_continue_ledger). Otherwise (no ledger
+        state, or a PLC restarted while linectl was away) metres it did not see complete
+        (those under the passes when it went down, and those that moved under them while
+        it was down) are recorded unproven ("controller down"), and the count continues
+        from the first metre that has not reached pass 0 yet; with the conveyor's counter
+        restarted too the position is lost and the reel is closed.
         """
         assert self._resume is not None
         assert self.ctl.reel is not None
-        resume, self._resume = self._resume, None
+        ckpt = self._resume["ckpt"]
+        match self._continue_ledger(ckpt, sample):
+            case "wait":
+                return  # an incomplete sample: the next one resumes
+            case "done":
+                self._resume = None
+                return
+            case _:
+                pass
+        self._resume = None
         reel_id = self.ctl.reel.plan.reel_id
         planned = self.ctl.reel.plan.planned_length_m
-        ckpt = resume["ckpt"]
         geom = self.cfg.line.geometry
         wall = self.wall()
         position: float | None = None
@@ -1109,14 +1187,18 @@ class LineService:
             # Plausible only if no faster than the conveyor could have run while we were
             # down; the wall clock bounds the downtime (with a minute's slack for clock
             # error). Beyond it the counter was reset meanwhile: the position is lost.
-            if moved <= _max_travel_m(ckpt.get("wall"), wall):
+            if moved <= _max_travel_m(ckpt.get("wall"), wall) and not self._resume_position_lost:
                 position = float(ckpt["position_m"]) + moved
         first = int(ckpt["next_metre"]) if ckpt else 0
         if position is None:
             last = max(first, math.ceil(planned) - 1)
             log.error("reel %s: cable position lost across the restart; closing it", reel_id)
             self._submit(lambda s: s.mark_unproven(reel_id, first, last, "position lost", wall))
-            self._close_reel("position lost on restart")
+            # The resume was taken as a start (STARTING): stop that start, then close.
+            self._close_pending = "position lost on restart"
+            with contextlib.suppress(CommandRefused):
+                self.ctl.request_stop("cable position lost across the restart")
+            self._close_when_stopped()
             return
         # Every metre that had reached pass 0 (partly irradiated while we were away).
         upto = min(math.ceil(position - geom.first_pass_offset_m), math.ceil(planned)) - 1
@@ -1131,6 +1213,94 @@ class LineService:
             uncertainty_m=float(ckpt.get("uncertainty_m", 0.0)) if ckpt else 0.0,
         )
         self._save([], self.clock())
+
+    def _continue_ledger(self, ckpt: Mapping[str, Any] | None, sample: LedgerSample) -> str:
+        """Take up the checkpointed ledger where it stopped: "done"; "wait" for a sample
+        it can resume on; "fallback" when it cannot be trusted to continue (no state, a
+        changed geometry or recipe, a PLC that restarted while linectl was away: its
+        counters are not continuous), and the metres that reached the beam are marked.
+
+        The interval since the checkpoint is a gap the PLCs' totalizers bound: a cable
+        that stood with the beam off (a planned restart) loses nothing; after a kill,
+        only metres whose bounds can cross a limit are unproven.
+        """
+        assert self.ctl.reel is not None
+        reel_id = self.ctl.reel.plan.reel_id
+        if not ckpt or "ledger" not in ckpt:
+            return "fallback"
+        elapsed_s = self._elapsed_since(ckpt)
+        if elapsed_s is None:
+            return "fallback"
+        try:
+            ledger = DoseLedger.restore(
+                self.cfg.line.geometry,
+                self.recipe,
+                ckpt["ledger"],
+                charge_modulus_uc=self.units.charge_modulus_uc,
+                length_modulus_m=self.units.length_modulus_m,
+                planned_length_m=self.ctl.reel.plan.planned_length_m,
+            )
+        except ValueError as exc:
+            log.error("reel %s: checkpointed ledger not usable: %s", reel_id, exc)
+            return "fallback"
+        try:
+            records = ledger.resume_with(sample, elapsed_s=elapsed_s)
+        except ValueError as exc:
+            log.info("reel %s: waiting for a complete sample to resume on (%s)", reel_id, exc)
+            return "wait"
+        self.ledger = ledger
+        log.warning(
+            "reel %s resumed from its checkpoint: %.1f s since its last sample, at metre %d",
+            reel_id,
+            elapsed_s,
+            ledger.next_metre,
+        )
+        if ledger.events:
+            self._ledger_events(reel_id)
+        self._save(records, self.clock())
+        return "done"
+
+    def _elapsed_since(self, ckpt: Mapping[str, Any]) -> float | None:
+        """Time from the checkpoint's last ledger sample to `sample`, at least: by the
+        wall clock, checked against both PLCs' clocks. None when a PLC's clock does not
+        agree (it restarted, or the clocks cannot tell) or the stamps are unusable."""
+        try:
+            wall_s = (self.wall_ms() - int(ckpt["wall_ms"])) / 1000.0
+            sample_age_s = float(ckpt["sample_age_s"])
+            clocks = ckpt["plc_clocks"]
+            checks = (
+                (self.acc, self.last_acc, plc_clock_modulus_ms(self.cfg.accelerator_map)),
+                (self.cnv, self.last_cnv, plc_clock_modulus_ms(self.cfg.conveyor_map)),
+            )
+            for link, snap, modulus_ms in checks:
+                before = clocks[link.name]
+                now = _clock_reading(snap, link.now())
+                if before is None or now is None:
+                    log.error("%s PLC clock unread: cannot tell whether it restarted", link.name)
+                    return None
+                # Both readings' ages taken out: the wall time between them.
+                between_s = wall_s + float(before[1]) - float(now[1])
+                plc_s = ((int(now[0]) - int(before[0])) % modulus_ms) / 1000.0
+                if between_s * 1000.0 >= modulus_ms or not math.isclose(
+                    plc_s, between_s, abs_tol=RESUME_CLOCK_TOL_S + 0.01 * abs(between_s)
+                ):
+                    log.error(
+                        "%s PLC clock moved %.1f s while the wall clock moved %.1f s: it "
+                        "restarted (or a clock was set) while linectl was away",
+                        link.name,
+                        plc_s,
+                        between_s,
+                    )
+                    if link is self.cnv:
+                        # Its length counter restarted too: how far the cable moved
+                        # while nobody watched is unknown.
+                        self._resume_position_lost = True
+                    return None
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            log.error("checkpoint without usable resume stamps: %s", exc)
+            return None
+        # An upper bound, as resume_with() wants: the sample is no older than now.
+        return max(wall_s, 0.0) + sample_age_s + RESUME_CLOCK_TOL_S
 
     # ------------------------------------------------------------------ shutdown
 
@@ -1173,6 +1343,21 @@ class LineService:
         if store is not None:
             await asyncio.get_running_loop().run_in_executor(self._exec, store.close)
         self._exec.shutdown(wait=True)
+
+
+RESUME_CLOCK_TOL_S = 2.0
+"""How far a PLC's clock may disagree with the wall clock across a restart of linectl
+(clock drift, sample ages) before it counts as a PLC restart."""
+
+
+def _clock_reading(snap: Snapshot | None, now_s: float) -> tuple[int, float] | None:
+    """The PLC clock (ms) of the snapshot's newest reading and its age at `now_s`."""
+    if snap is None:
+        return None
+    q = snap.get("length" if snap.plc == "conveyor" else "charge_total")
+    if q.plc_clock_ms is None:
+        return None
+    return (int(q.plc_clock_ms), max(0.0, now_s - q.host_time_s))
 
 
 MAX_LINE_SPEED_M_MIN = 300.0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from linectl.config import PlcName, default_config_dir, load_config
 from linectl.errors import ConfigError
-from simulators.server import SimulatedLine
+from simulators.server import DROP_MODES, SimulatedLine
 
 log = logging.getLogger("simulators")
 
@@ -40,6 +40,14 @@ _KINDS: dict[str, tuple[bool, int, int]] = {
     "restart": (True, 0, 1),  # restart:PLC[:DOWN_S]
     "exceptions": (True, 2, 2),  # exceptions:PLC:CODE,DURATION_S
     "delay": (True, 3, 3),  # delay:PLC:MEAN_S,JITTER_S,DURATION_S
+    "silent": (True, 1, 1),  # silent:PLC:DURATION_S
+    "close_mid_request": (True, 0, 1),  # close_mid_request:PLC[:COUNT][,MODE]
+    "drop_every": (True, 2, 2),  # drop_every:PLC:PERIOD_S,DURATION_S[,MODE]
+}
+# kind -> the words its optional last argument may be (the first is the default)
+_MODES: dict[str, tuple[str, ...]] = {
+    "close_mid_request": ("close", "half"),
+    "drop_every": DROP_MODES,
 }
 
 
@@ -51,10 +59,11 @@ class FaultSpec:
     plc: PlcName | None
     args: tuple[float, ...]
     at_s: float
+    mode: str | None = None
 
 
 def parse_fault(text: str) -> FaultSpec:
-    """KIND[:PLC][:ARG[,ARG...]]@T_S -> FaultSpec (argparse type)."""
+    """KIND[:PLC][:ARG[,ARG...]][,MODE]@T_S -> FaultSpec (argparse type)."""
     spec, sep, at = text.partition("@")
     if not sep:
         raise argparse.ArgumentTypeError(f"{text!r}: missing @T_S (seconds after start)")
@@ -74,14 +83,31 @@ def parse_fault(text: str) -> FaultSpec:
         if not parts or parts[0] not in _PLCS:
             raise argparse.ArgumentTypeError(f"{text!r}: {kind} needs a PLC (accelerator|conveyor)")
         plc = _PLCS[parts.pop(0)]
-    raw = ",".join(parts).split(",") if parts else []
+    raw = [a for a in ",".join(parts).split(",") if a != ""] if parts else []
+    mode: str | None = None
+    if kind in _MODES:
+        mode = _MODES[kind][0]
+        if raw and not _is_number(raw[-1]):
+            mode = raw.pop()
+            if mode not in _MODES[kind]:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r}: {kind} mode {mode!r} is not one of {list(_MODES[kind])}"
+                )
     try:
-        args = tuple(float(a) for a in raw if a != "")
+        args = tuple(float(a) for a in raw)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: arguments must be numbers") from None
     if not nmin <= len(args) <= nmax:
         raise argparse.ArgumentTypeError(f"{text!r}: {kind} takes {nmin}..{nmax} numbers")
-    return FaultSpec(kind, plc, args, at_s)
+    return FaultSpec(kind, plc, args, at_s, mode)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -143,6 +169,15 @@ async def _inject(line: SimulatedLine, f: FaultSpec) -> None:
         case "delay":
             assert f.plc is not None
             fl.delay(f.plc, a[0], a[1], a[2])
+        case "silent":
+            assert f.plc is not None
+            fl.silent(f.plc, a[0])
+        case "close_mid_request":
+            assert f.plc is not None
+            fl.close_mid_request(f.plc, int(a[0]) if a else 1, half=f.mode == "half")
+        case "drop_every":
+            assert f.plc is not None
+            fl.drop_every(f.plc, a[0], a[1], f.mode or "close")
         case _:
             raise AssertionError(f.kind)
 

@@ -1,9 +1,10 @@
 """Modbus TCP servers for the simulated PLCs (pymodbus 3.16 SimDevice with an action hook).
 
 The pure `Plant` does the physics; this module owns the clock, the sockets and the fault
-injection that lives on the link (loss, delay, exceptions, restart). Every request first
-advances the plant to now, so a response is as fresh as a real PLC's; a background task
-advances it every ~10 ms as well, so watchdogs trip with no client connected.
+injection that lives on the link (loss, silence, connections closed mid-answer, periodic
+drops, delay, exceptions, restart). Every request first advances the plant to now, so a
+response is as fresh as a real PLC's; a background task advances it every ~10 ms as well,
+so watchdogs trip with no client connected, whatever the link does.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import traceback
+from collections import deque
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 from pymodbus.constants import ExcCodes
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
@@ -35,20 +38,55 @@ TICK_S = 0.01
 _READ_FC = {3, 4, 23}
 _WRITE_FC = {6, 16, 23}
 _BIT_FC = {1, 2, 5, 15}
+MBAP_LEN = 7
+"""Modbus TCP header: transaction id, protocol id, length, unit id."""
+
+Fate = Literal["answer", "silent", "close", "half"]
+"""What becomes of one request: answered; dropped with no answer (connection open);
+carried out, then the connection closed with no answer; carried out, part of the answer
+frame sent, then the connection closed."""
+DropMode = Literal["close", "half", "silent"]
+DROP_MODES: tuple[str, ...] = get_args(DropMode)
 
 
 class _Handler(ServerRequestHandler):
-    """pymodbus' handler, made safe for requests that overlap (delayed responses).
+    """pymodbus' handler, made safe for overlapping requests, with the link faults.
 
-    The stock handler reads `self.last_pdu` after awaiting the datastore; when a client
-    times out and sends the next request meanwhile, the old answer would go out under the
-    new transaction id. Capturing the request first keeps each answer with its request.
+    The stock handler parses a frame in `callback_data`, then reads `self.last_pdu` a few
+    loop iterations later (`handle_later` -> a task -> `handle_request`) and again after
+    awaiting the datastore: a request that arrives meanwhile (a client that timed out and
+    sent the next one while the old one is delayed) overwrites it, and the old answer
+    would go out under the new transaction id. Here each request is queued with its fate
+    the moment it is parsed, in arrival order, and answered from the queue (pymodbus
+    schedules exactly one `handle_later` per parsed request). The fate ("answer",
+    "silent", "close", "half") is the link's decision (`_PlcLink.fate`); every answer goes
+    through `server_send`, which sends nothing while the PLC is silent.
     """
 
-    async def handle_request(self) -> None:
-        pdu, addr = self.last_pdu, self.last_addr
-        if not pdu:
+    def __init__(self, server: _Server, link: _PlcLink) -> None:
+        super().__init__(server, server.trace_packet, server.trace_pdu, server.trace_connect)  # type: ignore[no-untyped-call]
+        self.link = link
+        self._queue: deque[tuple[ModbusPDU, tuple[Any, ...] | None, Fate]] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def callback_data(self, data: bytes, addr: tuple[Any, ...] | None = None) -> int:
+        used: int = super().callback_data(data, addr)
+        # The base schedules one handle_later when (and only when) last_pdu is set.
+        if self.last_pdu:
+            self._queue.append((self.last_pdu, self.last_addr, self.link.fate()))
+        return used
+
+    def handle_later(self) -> None:
+        if not self._queue:
             return
+        task = asyncio.get_running_loop().create_task(self._handle(*self._queue.popleft()))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, pdu: ModbusPDU, addr: tuple[Any, ...] | None, fate: Fate) -> None:
+        if fate == "silent":
+            log.debug("%s: request dropped, no answer (silent)", self.link.plc)
+            return  # discarded unexecuted: a write does not reach the plant
         try:
             response = await pdu.datastore_update(self.server.context, pdu.dev_id)
         except Exception as exc:
@@ -56,13 +94,38 @@ class _Handler(ServerRequestHandler):
             response = ExceptionResponse(pdu.function_code, ExcCodes.DEVICE_FAILURE)
         response.transaction_id = pdu.transaction_id
         response.dev_id = pdu.dev_id
-        if self.transport:
-            self.server_send(response, addr)  # type: ignore[no-untyped-call]
+        transport = self.transport
+        if not transport or transport.is_closing():
+            return
+        if fate == "answer":
+            self.server_send(response, addr)
+            return
+        # "close" and "half": the request was carried out; its answer is lost.
+        if fate == "half" and not self.link.silent_now():
+            frame = self.framer.buildFrame(response)
+            self.send(frame[: partial_frame_len(frame)])
+        transport.close()  # flushes what was written, then FIN: the client sees EOF
+        log.info("%s: connection closed mid-answer (%s)", self.link.plc, fate)
+
+    def server_send(self, pdu: ModbusPDU | None, addr: tuple[Any, ...] | None) -> None:
+        if self.link.silent_now():
+            log.debug("%s: answer suppressed (silent)", self.link.plc)
+            return
+        super().server_send(pdu, addr)  # type: ignore[no-untyped-call]
+
+
+def partial_frame_len(frame: bytes) -> int:
+    """How much of a Modbus TCP frame a "half" answer sends: the 7-byte MBAP header and
+    half of the PDU (at least its function code), always short of the whole frame."""
+    pdu_len = len(frame) - MBAP_LEN
+    return MBAP_LEN + max(1, pdu_len // 2)
 
 
 class _Server(ModbusTcpServer):
+    link: _PlcLink
+
     def callback_new_connection(self) -> _Handler:
-        return _Handler(self, self.trace_packet, self.trace_pdu, self.trace_connect)  # type: ignore[no-untyped-call]
+        return _Handler(self, self.link)
 
 
 class _PlcLink:
@@ -79,6 +142,15 @@ class _PlcLink:
         self.exc_until = 0.0
         self.delay = (0.0, 0.0)
         self.delay_until = 0.0
+        self.silent_until = 0.0
+        self.close_left = 0
+        self.close_half = False
+        self.drop_mode: DropMode = "close"
+        self.drop_period_s = 0.0
+        self.drop_start = 0.0
+        self.drop_next = 0.0
+        self.drop_until = 0.0
+        self.dropped = 0
         self.rng = random.Random(hash((plc, line.seed)) & 0xFFFF_FFFF)
         rmap = line.plant.register_map(plc)
         self.holding_fields = rmap.by_table["holding"]
@@ -121,6 +193,7 @@ class _PlcLink:
             trace_pdu=self._trace_pdu,
             trace_connect=self._trace_connect,
         )
+        server.link = self
         await server.serve_forever(background=True)
         sockets = getattr(server.transport, "sockets", None) or []
         if sockets:
@@ -171,6 +244,53 @@ class _PlcLink:
             if 0 <= i < len(registers):
                 registers[i] = v
         return None
+
+    # ------------------------------------------------------------ link faults
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def silent_now(self) -> bool:
+        """The PLC answers nothing right now."""
+        return self._now() < self.silent_until
+
+    def fate(self) -> Fate:
+        """Decide what becomes of a request that has just arrived (arrival order)."""
+        now = self._now()
+        fate: Fate = "answer"
+        if now < self.silent_until:
+            fate = "silent"
+        elif self.close_left > 0:
+            self.close_left -= 1
+            fate = "half" if self.close_half else "close"
+        elif self.drop_next <= now < self.drop_until:
+            # The first request at or after each period boundary (start + k * period).
+            k = math.floor((now - self.drop_start) / self.drop_period_s) + 1
+            self.drop_next = self.drop_start + k * self.drop_period_s
+            fate = self.drop_mode
+        if fate != "answer":
+            self.dropped += 1
+        return fate
+
+    def silent(self, duration_s: float) -> None:
+        self.silent_until = self._now() + duration_s
+
+    def close_mid_request(self, count: int, half: bool) -> None:
+        if count < 0:
+            raise ValueError(f"count must be >= 0, not {count}")
+        self.close_left = count
+        self.close_half = half
+
+    def drop_every(self, period_s: float, duration_s: float, mode: str) -> None:
+        if period_s <= 0:
+            raise ValueError(f"period_s must be > 0, not {period_s}")
+        if mode not in DROP_MODES:
+            raise ValueError(f"mode must be one of {DROP_MODES}, not {mode!r}")
+        now = self._now()
+        self.drop_mode = cast(DropMode, mode)
+        self.drop_period_s = period_s
+        self.drop_start = self.drop_next = now
+        self.drop_until = now + duration_s
 
     def exceptions(self, code: int, duration_s: float) -> None:
         self.exc_code = int(ExcCodes(code))
@@ -242,8 +362,44 @@ class Faults:
         self.clear_cause("accelerator", 6)
 
     def link_loss(self, plc: PlcName, duration_s: float) -> asyncio.Task[None]:
-        """Refuse new connections and drop open ones for duration_s."""
+        """Closed and refused: stop listening and close every open connection (clients see
+        EOF, connects are refused) for duration_s, then listen again on the same port."""
         return self._line._spawn(self._line._down(plc, duration_s, None, restart=False))
+
+    def silent(self, plc: PlcName, duration_s: float) -> None:
+        """Accept and never answer for duration_s: connections (open and new) stay up,
+        every request is read and discarded (not carried out: writes, heartbeats included,
+        do not reach the plant) and no answer goes out; then answers resume."""
+        self._line._links[plc].silent(duration_s)
+        log.info("fault: %s silent for %.2f s", plc, duration_s)
+
+    def close_mid_request(self, plc: PlcName, count: int = 1, half: bool = False) -> None:
+        """The next `count` requests are carried out, then their connection is closed
+        without an answer; with half=True part of the answer frame (the MBAP header and
+        half the PDU) is sent first. Replaces any count still pending; 0 cancels."""
+        self._line._links[plc].close_mid_request(count, half)
+        log.info(
+            "fault: %s closes the connection on the next %d request(s)%s",
+            plc,
+            count,
+            " after half an answer" if half else "",
+        )
+
+    def drop_every(
+        self, plc: PlcName, period_s: float, duration_s: float, mode: str = "close"
+    ) -> None:
+        """For duration_s, drop one request per period_s: the first request from now on,
+        then the first at or after each period boundary. mode "close" and "half" as in
+        close_mid_request, "silent" as in silent for that one request (the connection stays
+        open, the next request is answered)."""
+        self._line._links[plc].drop_every(period_s, duration_s, mode)
+        log.info(
+            "fault: %s drops one request every %.2f s (%s) for %.1f s",
+            plc,
+            period_s,
+            mode,
+            duration_s,
+        )
 
     def delay(self, plc: PlcName, mean_s: float, jitter_s: float, duration_s: float) -> None:
         """Delay every response by mean +/- jitter (uniform) for duration_s."""
@@ -397,3 +553,12 @@ class SimulatedLine:
     def requests(self, plc: PlcName) -> int:
         """Modbus requests received by a PLC so far."""
         return self._links[plc].requests
+
+    def connections(self, plc: PlcName) -> int:
+        """Client connections open on a PLC right now (0 while it is down)."""
+        server = self._links[plc].server
+        return len(server.active_connections) if server is not None else 0
+
+    def dropped(self, plc: PlcName) -> int:
+        """Requests left unanswered by silent, close_mid_request and drop_every so far."""
+        return self._links[plc].dropped

@@ -47,8 +47,10 @@ class Comparison:
     in_spec: int
     false_accepts: list[int]
     false_rejects: list[int]
-    errors_pct: list[float]  # (ledger - truth) / target, metres that are not unproven
+    # (ledger - truth) / target, measured metres (not estimated, not unproven)
+    errors_pct: list[float]
     verdicts: dict[str, int]
+    outside_bounds: list[int]  # estimated metres whose true dose is outside their bounds
 
     @property
     def rms_pct(self) -> float:
@@ -213,7 +215,7 @@ class ClosedLoop:
     def compare(self) -> Comparison:
         """Every final metre of the ledger against the plant's true dose."""
         r = self.recipe
-        fa, fr, errs = [], [], []
+        fa, fr, errs, outside = [], [], [], []
         verdicts: dict[str, int] = {}
         for rec in self.records:
             verdicts[rec.verdict.value] = verdicts.get(rec.verdict.value, 0) + 1
@@ -223,7 +225,12 @@ class ClosedLoop:
                 fa.append(rec.index)
             if not rec.in_spec and truly_in and rec.verdict is not Verdict.UNPROVEN:
                 fr.append(rec.index)
-            if rec.verdict is not Verdict.UNPROVEN:
+            if rec.estimated:
+                # A data gap touched it: its dose is an estimate, its bounds are the
+                # promise, and they hold its bins' bounds, so its mean true dose.
+                if not rec.min_dose_kgy <= true <= rec.max_dose_kgy:
+                    outside.append(rec.index)
+            elif rec.verdict is not Verdict.UNPROVEN:
                 errs.append(100.0 * (rec.dose_kgy - true) / r.target_dose_kgy)
         return Comparison(
             metres=len(self.records),
@@ -232,4 +239,5 @@ class ClosedLoop:
             false_rejects=fr,
             errors_pct=errs,
             verdicts=verdicts,
+            outside_bounds=outside,
         )

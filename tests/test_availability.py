@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from e2e_scenarios import TRUE_K, compact_config, endpoints, wait_for
+from e2e_scenarios import TRUE_K, line_service, operator_config, wait_for
 
 from linectl.commands import Command, CommandName
-from linectl.config import LoadedConfig, load_config
+from linectl.config import LoadedConfig
 from linectl.core.control import LineState, Transition
 from linectl.core.ledger import Verdict
 from linectl.service import LineService, ReelRequest, select_recipe
@@ -30,32 +30,16 @@ OP = "op-1"
 STOPPED = (LineState.READY, LineState.IDLE)
 
 
-def _config(tmp_path: Path) -> LoadedConfig:
-    cfg = load_config(compact_config(tmp_path), environ={})
-    mqtt = cfg.line.mqtt.model_copy(update={"identities": {OP: "operator"}})
-    cfg.line = cfg.line.model_copy(update={"mqtt": mqtt})
-    return cfg
-
-
 @contextlib.asynccontextmanager
 async def _line(
     cfg: LoadedConfig, sim: SimulatedLine, *, reset_faults: bool = False
 ) -> AsyncIterator[tuple[LineService, list[Transition]]]:
     """The line service on the simulators, with every transition it made; stopped
     safely on exit."""
-    recipe, path = select_recipe(cfg, None)
-    svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))
-    svc.on_reel_start.append(lambda _r, counter_m: sim.plant.start_reel(counter_m))
-    transitions: list[Transition] = []
-    svc.on_transition.append(transitions.append)
-    if reset_faults:
-        svc.request_reset()
-    run = asyncio.create_task(svc.run())
-    try:
+    async with line_service(cfg, sim, reset_faults=reset_faults) as svc:
+        transitions: list[Transition] = []
+        svc.on_transition.append(transitions.append)  # before the service's first cycle
         yield svc, transitions
-    finally:
-        svc.stop()
-        await run
 
 
 def _no_watchdog_trip(sim: SimulatedLine) -> None:
@@ -94,7 +78,7 @@ async def test_restarts_never_trip_an_armed_watchdog(tmp_path: Path) -> None:
     it armed with timeout 0, and the next start must change the heartbeat before it
     writes the timeout, or the PLC trips at that write. Three starts, each after the
     last one's exit plus more than the timeout."""
-    cfg = _config(tmp_path)
+    cfg = operator_config(tmp_path, OP)
     async with SimulatedLine(cfg, acc_port=0, cnv_port=0, seed=3, k_dose_true=TRUE_K) as sim:
         for _ in range(3):
             async with _line(cfg, sim) as (svc, _tr):
@@ -112,7 +96,7 @@ async def test_watchdog_trips_left_by_an_absent_controller_are_reset_at_start(
 ) -> None:
     """Watchdog trips (accelerator 7, conveyor 5) that linectl's absence caused are reset
     once both PLCs answer, audited as the controller's action."""
-    cfg = _config(tmp_path)
+    cfg = operator_config(tmp_path, OP)
     async with SimulatedLine(cfg, acc_port=0, cnv_port=0, seed=4, k_dose_true=TRUE_K) as sim:
         sim.faults.latch("accelerator", 7)
         sim.faults.latch("conveyor", 5)
@@ -126,7 +110,7 @@ async def test_watchdog_trips_left_by_an_absent_controller_are_reset_at_start(
 
 
 async def test_other_latched_faults_are_never_reset_without_an_operator(tmp_path: Path) -> None:
-    cfg = _config(tmp_path)
+    cfg = operator_config(tmp_path, OP)
     async with SimulatedLine(cfg, acc_port=0, cnv_port=0, seed=5, k_dose_true=TRUE_K) as sim:
         sim.faults.latch("accelerator", 7)
         sim.faults.latch("conveyor", 1)  # a drive fault: not ours to reset
@@ -142,7 +126,7 @@ async def test_other_latched_faults_are_never_reset_without_an_operator(tmp_path
 async def test_reset_faults_resets_a_conveyor_fault_latched_while_idle(tmp_path: Path) -> None:
     """`--reset-faults` acts after the first poll of both PLCs, on whatever either holds
     latched, in any state: a conveyor fault latched while the line was idle included."""
-    cfg = _config(tmp_path)
+    cfg = operator_config(tmp_path, OP)
     async with SimulatedLine(cfg, acc_port=0, cnv_port=0, seed=6, k_dose_true=TRUE_K) as sim:
         sim.faults.latch("conveyor", 1)
         sim.faults.latch("accelerator", 2)
@@ -159,7 +143,7 @@ async def test_dropped_connections_are_ridden_through(tmp_path: Path, half: bool
     """One connection closed mid-request (no answer, or half of one) every second on
     each PLC through a whole reel: no state change, no alarm, no metre unproven, the
     reel finishes."""
-    cfg = _config(tmp_path)
+    cfg = operator_config(tmp_path, OP)
     async with (
         SimulatedLine(cfg, acc_port=0, cnv_port=0, seed=7, k_dose_true=TRUE_K) as sim,
         _line(cfg, sim) as (svc, transitions),
@@ -186,7 +170,7 @@ async def test_dropped_connections_are_ridden_through(tmp_path: Path, half: bool
 
 
 async def test_exception_burst_shorter_than_the_stale_window(tmp_path: Path) -> None:
-    cfg = _config(tmp_path)
+    cfg = operator_config(tmp_path, OP)
     async with (
         SimulatedLine(cfg, acc_port=0, cnv_port=0, seed=8, k_dose_true=TRUE_K) as sim,
         _line(cfg, sim) as (svc, transitions),
@@ -207,7 +191,7 @@ async def test_conveyor_lost_beam_off_from_the_other_plc(tmp_path: Path, mode: s
     """A conveyor that accepts and never answers, or refuses connections: the beam is
     switched off on the accelerator by linectl (not by a watchdog), and the silent PLC
     never delays the accelerator's writes (its heartbeat goes on: no trip)."""
-    cfg = _config(tmp_path)
+    cfg = operator_config(tmp_path, OP)
     async with (
         SimulatedLine(cfg, acc_port=0, cnv_port=0, seed=9, k_dose_true=TRUE_K) as sim,
         _line(cfg, sim) as (svc, _tr),
@@ -251,7 +235,7 @@ async def test_one_operator_reset_brings_the_reel_back(tmp_path: Path, fault: st
     """A fault mid-reel stops the line; one operator reset, without restarting linectl,
     restarts it; the reel finishes, every metre recorded once and none beyond, with zero
     false accepts."""
-    cfg = _config(tmp_path)
+    cfg = operator_config(tmp_path, OP)
     length_m = 30.0
     async with (
         SimulatedLine(cfg, acc_port=0, cnv_port=0, seed=10, k_dose_true=TRUE_K) as sim,
@@ -292,7 +276,7 @@ async def test_one_operator_reset_brings_the_reel_back(tmp_path: Path, fault: st
 async def test_reel_zero_is_the_counter_of_the_standing_line(tmp_path: Path) -> None:
     """Cable coordinate 0 is the length counter read while the line stands, before the
     reel's first RUN (process.md, "Positions")."""
-    cfg = _config(tmp_path)
+    cfg = operator_config(tmp_path, OP)
     async with SimulatedLine(cfg, acc_port=0, cnv_port=0, seed=11, k_dose_true=TRUE_K) as sim:
         zero: list[float] = []
         async with _line(cfg, sim) as (svc, _tr):

@@ -33,6 +33,7 @@ def check_promises(cl: ClosedLoop, *, max_err_pct: float = 0.1) -> Comparison:
     c = cl.compare()
     assert c.metres > 0
     assert c.false_accepts == [], f"metres recorded in spec but truly out: {c.false_accepts}"
+    assert c.outside_bounds == [], f"true dose outside the recorded bounds: {c.outside_bounds}"
     assert cl.max_beam_standstill_s == 0.0, "beam on a standing cable"
     assert c.max_pct <= max_err_pct, f"dose error up to {c.max_pct:.3f} % of target"
     assert [r.index for r in cl.records] == list(range(c.metres)), "metres lost or doubled"
@@ -182,6 +183,7 @@ def test_conveyor_restart_position_uncertain_then_arcs_no_false_accept(
     assert cl.ledger.position_uncertainty_m > 0
     c = cl.compare()
     assert c.false_accepts == [], f"metres recorded in spec but truly out: {c.false_accepts}"
+    assert c.outside_bounds == [], f"true dose outside the recorded bounds: {c.outside_bounds}"
     assert [r.index for r in cl.records] == list(range(c.metres)), "metres lost or doubled"
     assert c.verdicts.get("under_dose", 0) > 0  # the dips are seen
 

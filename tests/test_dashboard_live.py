@@ -266,6 +266,10 @@ async def test_dashboard_queries_return_data_from_a_running_line(tmp_path: Path)
                 expected = {"LinectlLineFault", "LinectlInterlockTrip"}
                 if verdicts - {"in_spec"}:
                     expected.add("LinectlOutOfSpecMetres")
+                if svc.stats.missed:
+                    # A loaded host (CI: two test workers and Prometheus on 2 cores)
+                    # can make the loop skip a cycle: the alert is then right to fire.
+                    expected.add("LinectlControlCyclesMissed")
                 assert firing <= expected, (firing, verdicts)
             finally:
                 if prom is not None:

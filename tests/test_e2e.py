@@ -46,7 +46,12 @@ def check_against_truth(
             continue
         true = sim.plant.truth.dose_kgy(m.index)
         assert m.dose_kgy is not None
-        assert abs(m.dose_kgy - true) <= 0.005 * recipe.target_dose_kgy, (m.index, true)
+        if "gap" in m.causes:  # an estimate across a data gap: its bounds are the promise
+            assert m.min_dose_kgy is not None
+            assert m.max_dose_kgy is not None
+            assert m.min_dose_kgy <= true <= m.max_dose_kgy, (m.index, true)
+        else:
+            assert abs(m.dose_kgy - true) <= 0.005 * recipe.target_dose_kgy, (m.index, true)
         if m.verdict is Verdict.IN_SPEC:
             assert recipe.min_dose_kgy <= true <= recipe.max_dose_kgy, f"false accept {m}"
     assert sim.plant.truth.burns == [], "beam on a standing cable"
@@ -163,9 +168,14 @@ async def test_sigkill_mid_reel_then_restart_resumes(
             assert store.integrity_check() == "ok"
         counts = check_against_truth(metres, sim, cfg, 40)
     assert reel.state == "closed"
-    assert counts.get("unproven", 0) > 0  # the cable the dead controller could not see
+    # The PLCs' watchdogs cut the beam and then stopped the line: that cable is short of
+    # dose, shown so by the counters across the outage, or unproven where its bounds
+    # straddle a limit; never a metre lost to the restart as such.
+    assert counts.get("unproven", 0) + counts.get("under_dose", 0) > 0
+    assert not any("controller down" in m.causes for m in metres)
     assert counts.get("in_spec", 0) >= 20
     assert "interrupted reel E2E-KILL" in err.decode()
+    assert "resumed from its checkpoint" in err.decode()
 
 
 async def test_sigterm_stops_the_line_safely_before_exit(

@@ -9,17 +9,14 @@ and why; another reel can start, the ended one's id cannot be used again.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from e2e_scenarios import TRUE_K, compact_config, endpoints, wait_for
+from e2e_scenarios import TRUE_K, line_service, operator_config, wait_for
 
 from linectl.commands import Command, CommandName, CommandResult
-from linectl.config import LoadedConfig, load_config
+from linectl.config import LoadedConfig
 from linectl.core.control import LineState
 from linectl.core.ledger import Verdict
 from linectl.service import LineService, select_recipe
@@ -32,36 +29,12 @@ OP = "op-1"
 STOPPED = (LineState.READY, LineState.IDLE)
 
 
-def _config(tmp_path: Path) -> LoadedConfig:
-    """The compact line, with OP holding the shipped `operator` role."""
-    cfg = load_config(compact_config(tmp_path), environ={})
-    mqtt = cfg.line.mqtt.model_copy(update={"identities": {OP: "operator"}})
-    cfg.line = cfg.line.model_copy(update={"mqtt": mqtt})
-    return cfg
-
-
 def _start(reel_id: str, length_m: float = 500.0) -> Command:
     return Command(CommandName.START_REEL, OP, reel_id=reel_id, length_m=length_m)
 
 
 def _end(reel_id: str, reason: str = "cable cut at the take-up") -> Command:
     return Command(CommandName.END_REEL, OP, reel_id=reel_id, reason=reason)
-
-
-@contextlib.asynccontextmanager
-async def _line(
-    cfg: LoadedConfig, sim: SimulatedLine, *, exit_when_done: bool = False
-) -> AsyncIterator[LineService]:
-    """The line service running on the simulators; stopped (safely) on exit."""
-    recipe, path = select_recipe(cfg, None)
-    svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))
-    svc.on_reel_start.append(lambda _r, counter_m: sim.plant.start_reel(counter_m))
-    run = asyncio.create_task(svc.run(exit_when_done=exit_when_done))
-    try:
-        yield svc
-    finally:
-        svc.stop()
-        await run
 
 
 async def _stop_line(svc: LineService) -> None:
@@ -75,9 +48,14 @@ def _nak(res: CommandResult, reason: str) -> None:
     assert reason in res.reason, res
 
 
-def _check_ended(cfg: LoadedConfig, reel_id: str, reached: int, sim: SimulatedLine) -> None:
+def _truth(sim: SimulatedLine, reached: int) -> list[float]:
+    """The simulator's true dose of metres 0..reached (the next reel's start clears it)."""
+    return [sim.plant.truth.dose_kgy(i) for i in range(reached + 1)]
+
+
+def _check_ended(cfg: LoadedConfig, reel_id: str, reached: int, truth: list[float]) -> None:
     """The reel closed with who and why; metres 0..reached-1 each once, none beyond; no
-    metre in spec that is not, by the simulator's truth."""
+    metre in spec that is not, by the simulator's truth (taken before the next reel)."""
     recipe, _ = select_recipe(cfg, None)
     with RecordStore(cfg.line.records.path) as store:
         reel = store.reel(reel_id)
@@ -85,10 +63,10 @@ def _check_ended(cfg: LoadedConfig, reel_id: str, reached: int, sim: SimulatedLi
     assert reel.state == "closed"
     assert reel.end_reason == f"ended by {OP}: cable cut at the take-up"
     assert [m.index for m in metres] == list(range(reached))
-    assert sim.plant.truth.dose_kgy(reached) == 0.0, "cable beyond the end got dose"
+    assert truth[reached] == 0.0, "cable beyond the end got dose"
     for m in metres:
         if m.verdict is Verdict.IN_SPEC:
-            true = sim.plant.truth.dose_kgy(m.index)
+            true = truth[m.index]
             assert recipe.min_dose_kgy <= true <= recipe.max_dose_kgy, f"false accept {m}"
 
 
@@ -130,9 +108,9 @@ def _unchanged(svc: LineService) -> tuple[object, ...]:
 
 
 async def test_end_a_reel_in_the_same_run_after_a_fault(tmp_path: Path) -> None:
-    cfg = _config(tmp_path)
+    cfg = operator_config(tmp_path, OP)
     async with SimulatedLine(cfg, seed=21, k_dose_true=TRUE_K) as sim:
-        async with _line(cfg, sim) as svc:
+        async with line_service(cfg, sim) as svc:
             await _reel_under_way(svc, "END-1", 4)
             _nak(await svc.execute(_end("END-1")), "stop the line first (state running)")
             # A latched HV fault: FAULT at once, while the conveyor still ramps down.
@@ -160,8 +138,9 @@ async def test_end_a_reel_in_the_same_run_after_a_fault(tmp_path: Path) -> None:
             assert svc.ctl.reel is None
             _nak(await svc.execute(_end("END-1")), "no unfinished reel")
             assert (await svc.execute(Command(CommandName.RESET, OP))).ack
+            truth = _truth(sim, reached)
             await _next_reel_starts(svc, "END-1")
-        _check_ended(cfg, "END-1", reached, sim)
+        _check_ended(cfg, "END-1", reached, truth)
         with RecordStore(cfg.line.records.path) as store:
             metres = store.metres("END-1")
             events = [e for e in store.events("END-1") if e.action == "end_reel"]
@@ -174,39 +153,54 @@ async def test_end_a_reel_in_the_same_run_after_a_fault(tmp_path: Path) -> None:
 
 
 async def test_end_an_interrupted_reel_after_a_restart(tmp_path: Path) -> None:
-    cfg = _config(tmp_path)
+    cfg = operator_config(tmp_path, OP)
     async with SimulatedLine(cfg, seed=22, k_dose_true=TRUE_K) as sim:
-        async with _line(cfg, sim) as first:
+        async with line_service(cfg, sim) as first:
             await _reel_under_way(first, "END-2", 3)
         # The clean stop left the reel open, to be resumed.
         with RecordStore(cfg.line.records.path) as store:
             assert store.reel("END-2").state == "open"
             final = len(store.metres("END-2"))
+        # The recipe file is edited meanwhile: the resumed reel, and the next one on the
+        # recipe it brings back, name the bytes validated at END-2's start.
+        _, recipe_path = select_recipe(cfg, None)
+        recipe_path.write_text(recipe_path.read_text() + "\n# edited while linectl was down\n")
 
-        async with _line(cfg, sim) as second:
+        async with line_service(cfg, sim) as second:
             await wait_for(
                 lambda: second.ctl.state is LineState.READY and _at_rest_s(second) >= 1.2,
                 30.0,
                 "READY and at rest, the interrupted reel's position known",
             )
             assert second.interrupted_reel() is not None
+            # A clean stop checkpoints the ledger: the restart resumed it where it was,
+            # so the metres under the passes are still open (incomplete), not lost.
+            assert second.ledger is not None
+            assert second.ledger.next_metre == final
             reached = _reached(second, cfg)
+            assert reached > final
             res = await second.execute(_end("END-2"))
             assert res.ack, res
-            # The restart has marked every metre that had reached the beam already.
-            assert res.detail == {"reel_id": "END-2", "metres_unproven": 0}
+            assert res.detail == {"reel_id": "END-2", "metres_unproven": reached - final}
             assert second.interrupted_reel() is None
+            truth = _truth(sim, reached)
             await _next_reel_starts(second, "END-2")
-        _check_ended(cfg, "END-2", reached, sim)
+        _check_ended(cfg, "END-2", reached, truth)
         with RecordStore(cfg.line.records.path) as store:
             rest = store.metres("END-2")[final:]
+            assert store.reel("END-2-NEXT").recipe_hash == store.reel("END-2").recipe_hash
         assert rest
-        assert all(m.causes == ("controller down",) for m in rest), rest
+        # Nothing was lost to the restart: the only unproven metres are the ones the
+        # cut left under the passes.
+        for m in rest:
+            assert m.verdict is Verdict.UNPROVEN, m
+            assert "incomplete" in m.causes, m
+            assert "controller down" not in m.causes, m
 
 
 async def test_end_a_reel_that_never_started(tmp_path: Path) -> None:
     # Opened in the records, never started (no cable accounted): ended with no metres.
-    cfg = _config(tmp_path)
+    cfg = operator_config(tmp_path, OP)
     recipe, _ = select_recipe(cfg, None)
     with RecordStore(cfg.line.records.path) as store:
         store.open_reel(
@@ -224,7 +218,7 @@ async def test_end_a_reel_that_never_started(tmp_path: Path) -> None:
         )
     async with SimulatedLine(cfg, seed=23, k_dose_true=TRUE_K) as sim:
         # As `linectl run --exit-after-reel`: ending the reel ends the run.
-        async with _line(cfg, sim, exit_when_done=True) as svc:
+        async with line_service(cfg, sim, exit_when_done=True) as svc:
             await wait_for(lambda: _at_rest_s(svc) >= 1.2, 30.0, "at rest")
             assert svc.interrupted_reel() is not None
             _nak(await svc.execute(_start("END-3-B")), "END-3")  # it holds the line
@@ -232,4 +226,4 @@ async def test_end_a_reel_that_never_started(tmp_path: Path) -> None:
             assert res.ack, res
             assert res.detail == {"reel_id": "END-3", "metres_unproven": 0}
             await wait_for(svc._stop.is_set, 5.0, "the run told to end")
-        _check_ended(cfg, "END-3", 0, sim)
+        _check_ended(cfg, "END-3", 0, _truth(sim, 0))

@@ -323,7 +323,8 @@ def test_modbus_latency_per_plc_and_function(svc: FakeService, metrics: LineMetr
 def test_metres_by_verdict_and_cause(svc: FakeService, metrics: LineMetrics) -> None:
     records = [
         MetreRecord(0, 120.0, 118.0, 122.0, Verdict.IN_SPEC),
-        MetreRecord(1, 120.0, 118.0, 122.0, Verdict.IN_SPEC),
+        # In spec across a data gap: the cause is no out-of-spec cause.
+        MetreRecord(1, 120.0, 118.0, 122.0, Verdict.IN_SPEC, ("gap",)),
         MetreRecord(2, 100.0, 90.0, 110.0, Verdict.UNDER_DOSE, ("under_dose",)),
         MetreRecord(3, 150.0, 140.0, 160.0, Verdict.OVER_DOSE, ("standstill", "over_dose")),
         MetreRecord(4, 0.0, 0.0, 0.0, Verdict.UNPROVEN, ("incomplete", "unproven")),
@@ -343,6 +344,7 @@ def test_metres_by_verdict_and_cause(svc: FakeService, metrics: LineMetrics) -> 
     assert causes == {
         "incomplete": 1,
         "unproven": 1,
+        "gap": 0,
         "standstill": 1,
         "over_dose": 1,
         "under_dose": 1,

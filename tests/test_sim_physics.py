@@ -181,6 +181,94 @@ def test_watchdog_timeout_zero_disables() -> None:
     assert acc.beam_on
 
 
+# The spec arms the watchdog at the first change of `watchdog` (after start or a
+# FAULT_RESET) and nothing else disarms it: `watchdog_timeout` = 0 only stops the timing.
+# A controller that sets the timeout back with a stale heartbeat sees a trip at once, which
+# is legal PLC behaviour it must cope with; changing the heartbeat with (or just before) the
+# timeout write avoids it.
+
+
+def tripped(model: AcceleratorModel | ConveyorModel) -> bool:
+    return model.watchdog_trip and model.fault_code == (
+        7 if isinstance(model, AcceleratorModel) else 5
+    )
+
+
+@pytest.mark.parametrize("kind", ["accelerator", "conveyor"])
+def test_armed_watchdog_stays_armed_when_timeout_is_0_and_trips_at_once_when_reset(
+    kind: str,
+) -> None:
+    model: AcceleratorModel | ConveyorModel = quiet_acc() if kind == "accelerator" else running()
+    model.write_watchdog_timeout(500)
+    model.write_watchdog(1)  # armed
+    model.advance(0.1)
+    model.write_watchdog_timeout(0)
+    model.advance(2.0)
+    assert model.watchdog.armed
+    assert not tripped(model)  # 0 disables the timing ...
+    model.write_watchdog_timeout(500)  # ... and no heartbeat change since 2.1 s
+    model.advance(0.001)
+    assert tripped(model)
+
+
+@pytest.mark.parametrize("kind", ["accelerator", "conveyor"])
+def test_watchdog_armed_while_timeout_0_stays_armed_across_0_500_0(kind: str) -> None:
+    model: AcceleratorModel | ConveyorModel = quiet_acc() if kind == "accelerator" else running()
+    model.write_watchdog_timeout(0)
+    model.write_watchdog(1)  # a change arms it even with the timing off
+    assert model.watchdog.armed
+    model.advance(0.1)
+    model.write_watchdog_timeout(500)
+    model.write_watchdog_timeout(0)  # 0 -> 500 -> 0 in the same instant: still armed
+    model.advance(2.0)
+    assert model.watchdog.armed
+    assert not tripped(model)
+    model.write_watchdog_timeout(500)
+    model.advance(0.001)
+    assert tripped(model)
+
+
+@pytest.mark.parametrize("kind", ["accelerator", "conveyor"])
+def test_heartbeat_change_just_before_the_timeout_write_avoids_the_trip(kind: str) -> None:
+    model: AcceleratorModel | ConveyorModel = quiet_acc() if kind == "accelerator" else running()
+    model.write_watchdog_timeout(500)
+    model.write_watchdog(1)
+    model.write_watchdog_timeout(0)
+    model.advance(2.0)
+    model.write_watchdog(2)  # fresh heartbeat first ...
+    model.write_watchdog_timeout(500)  # ... then the timeout
+    model.advance(0.45)
+    assert not tripped(model)
+    model.advance(0.1)  # timed from the heartbeat change: 500 ms without one trips
+    assert tripped(model)
+
+
+@pytest.mark.parametrize("plc", ["accelerator", "conveyor"])
+def test_heartbeat_and_timeout_in_one_fc16_write_avoid_the_trip(plc: str) -> None:
+    from linectl import codec
+
+    cfg = load_config("config")
+    plant = Plant(cfg.accelerator_map, cfg.conveyor_map, cfg.line.geometry)
+    rmap = cfg.accelerator_map if plc == "accelerator" else cfg.conveyor_map
+    model = plant.accelerator if plc == "accelerator" else plant.conveyor
+    wd, wt = rmap.field("watchdog"), rmap.field("watchdog_timeout")
+    assert wt.address == wd.end  # adjacent in the reference map: one FC16 writes both
+    assert plant.write_holding(plc, wd.address, codec.encode(wd, 1)) is None  # armed
+    assert plant.write_holding(plc, wt.address, codec.encode(wt, 0)) is None
+    plant.advance(2.0)
+    assert model.watchdog.armed
+    regs = [*codec.encode(wd, 2), *codec.encode(wt, 500)]
+    assert plant.write_holding(plc, wd.address, regs) is None
+    plant.advance(0.3)
+    assert not tripped(model)
+    # The same write without the heartbeat change trips at once.
+    assert plant.write_holding(plc, wt.address, codec.encode(wt, 0)) is None
+    plant.advance(1.0)
+    assert plant.write_holding(plc, wd.address, regs) is None  # heartbeat still 2
+    plant.advance(0.01)
+    assert tripped(model)
+
+
 def test_charge_totalizer_integrates_exactly() -> None:
     acc = quiet_acc()
     beam_up(acc, 10.0)

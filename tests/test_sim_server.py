@@ -316,3 +316,39 @@ def test_cli_runs_schedules_faults_and_writes_truth(tmp_path: Path) -> None:
     )  # fmt: skip
     assert rc == 0
     assert out.exists()
+
+
+async def status_word(c: AsyncModbusTcpClient) -> int:
+    rr = await c.read_input_registers(0, count=1, device_id=1)
+    assert not rr.isError()
+    return int(rr.registers[0])
+
+
+async def test_watchdog_heartbeat_in_the_timeout_write_avoids_the_trip(
+    line: SimulatedLine,
+) -> None:
+    """An armed watchdog stays armed while watchdog_timeout is 0. Setting the timeout back
+    in the same FC16 write as a heartbeat change does not trip; setting it back with a
+    stale heartbeat trips at once (legal PLC behaviour the controller must cope with)."""
+    watchdog_trip = 1 << 9  # accelerator status bit 9; watchdog at 7, timeout at 8
+    c = AsyncModbusTcpClient(
+        "127.0.0.1", port=line.acc_port, timeout=0.2, retries=0, reconnect_delay=0
+    )
+    assert await c.connect()
+    try:
+        assert not (await c.write_register(7, 1, device_id=1)).isError()  # armed
+        assert not (await c.write_register(8, 0, device_id=1)).isError()  # timing off
+        await asyncio.sleep(0.7)  # longer than the 500 ms timeout
+        assert not (await c.write_registers(7, [2, 500], device_id=1)).isError()
+        await asyncio.sleep(0.05)
+        assert not await status_word(c) & watchdog_trip
+        assert line.plant.accelerator.fault_code == 0
+        # Timeout back to 0, then to 500 without a heartbeat change: trips at once.
+        assert not (await c.write_register(8, 0, device_id=1)).isError()
+        await asyncio.sleep(0.6)
+        assert not await status_word(c) & watchdog_trip
+        assert not (await c.write_register(8, 500, device_id=1)).isError()
+        assert await status_word(c) & watchdog_trip
+        assert line.plant.accelerator.fault_code == 7
+    finally:
+        c.close()

@@ -106,9 +106,17 @@ class CounterAligner:
     """
 
     def __init__(
-        self, charge_modulus_uc: float, *, max_wait_s: float = 0.3, max_span_s: float = 0.3
+        self,
+        charge_modulus_uc: float,
+        *,
+        max_wait_s: float = 0.3,
+        max_span_s: float = 0.3,
+        max_rate_uc_s: float = 100_000.0,
     ) -> None:
         self.charge_modulus_uc = charge_modulus_uc
+        self.max_rate_uc_s = max_rate_uc_s
+        """Beam current bound (uC/s; 100 mA by default, over any recipe's maximum) for the
+        charge a sample read a moment before the first accelerator reading can hide."""
         self.max_wait_s = max_wait_s
         self.max_span_s = max_span_s
         """No interpolation between accelerator samples further apart than this: across
@@ -150,22 +158,35 @@ class CounterAligner:
         if before is None or before is after:
             # Nothing earlier to interpolate from (the first samples): the nearest is
             # exact to within one poll, and the ledger starts from it.
-            charge, a = after.charge_uc, after
+            charge = after.charge_uc
             energy_ok = after.energy_ok
+            uncertainty_uc = self.max_rate_uc_s * (after.t_s - p.t_s)
         elif after.t_s - before.t_s > self.max_span_s:
             return LedgerSample(p.t_s, None, p.length_m, None, True, p.speed_m_min)
         else:
-            a = after
             energy_ok = before.energy_ok and after.energy_ok
             step = (after.charge_uc - before.charge_uc) % self.charge_modulus_uc
             if step > self.charge_modulus_uc / 2:
                 # Not a forward step: the counter was reset between the two. No
-                # interpolation across it; the ledger sees the reset on this value.
+                # interpolation across it; the ledger sees the reset on this value,
+                # an exact reading.
                 charge = after.charge_uc
+                uncertainty_uc = 0.0
             else:
                 frac = (p.t_s - before.t_s) / (after.t_s - before.t_s)
                 charge = (before.charge_uc + frac * step) % self.charge_modulus_uc
-        return LedgerSample(p.t_s, charge, p.length_m, a.scan_width_cm, energy_ok, p.speed_m_min)
+                # The charge really counted at p.t_s lies between the two readings: the
+                # ledger widens a gap's upper bound that starts or ends here by this.
+                uncertainty_uc = max(frac, 1.0 - frac) * step
+        return LedgerSample(
+            p.t_s,
+            charge,
+            p.length_m,
+            after.scan_width_cm,
+            energy_ok,
+            p.speed_m_min,
+            charge_uncertainty_uc=uncertainty_uc,
+        )
 
 
 __all__ = ["AccPoint", "CnvPoint", "CounterAligner", "PlcClock"]

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal, get_args
+from types import MappingProxyType
+from typing import Final, Literal, get_args
 
 from linectl.config import ControlTuning, Geometry, Recipe
 
@@ -38,6 +40,46 @@ class LineState(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     FAULT = "fault"
+
+
+_S = LineState
+TRANSITIONS: Final[Mapping[tuple[LineState, LineState], str]] = MappingProxyType(
+    {
+        (_S.OFFLINE, _S.IDLE): "both PLCs answer (no latched alarm)",
+        (_S.OFFLINE, _S.FAULT): "both PLCs answer (a latched alarm, e.g. the link alarm)",
+        (_S.IDLE, _S.READY): "all permissives met",
+        (_S.READY, _S.IDLE): "the missing permissives (why_not_ready)",
+        (_S.READY, _S.STARTING): "operator started reel ID",
+        (_S.STARTING, _S.RUNNING): "beam on at dose-follow current",
+        (_S.STARTING, _S.STOPPING): "operator stop",
+        (_S.RUNNING, _S.STOPPING): "operator stop / planned length reached / beam outage of N s",
+        (_S.STOPPING, _S.IDLE): "stopped (with the stop's cause)",
+        (_S.STARTING, _S.FAULT): "start timed out in phase P / interlock messages",
+        (_S.RUNNING, _S.FAULT): "interlock messages",
+        (_S.STOPPING, _S.FAULT): "interlock messages",
+        (_S.IDLE, _S.FAULT): (
+            "interlock messages (e-stop, cable break, accelerator fault code, "
+            "beam on a standing line)"
+        ),
+        (_S.READY, _S.FAULT): "interlock messages",
+        (_S.FAULT, _S.IDLE): "operator reset",
+        (_S.IDLE, _S.OFFLINE): "PLC data lost or stale",
+        (_S.READY, _S.OFFLINE): "PLC data lost or stale",
+        (_S.STARTING, _S.OFFLINE): "PLC data lost or stale",
+        (_S.RUNNING, _S.OFFLINE): "PLC data lost or stale",
+        (_S.STOPPING, _S.OFFLINE): "PLC data lost or stale",
+        (_S.FAULT, _S.OFFLINE): "PLC data lost or stale",
+    }
+)
+"""The state machine as data: every legal transition (old, new) and what takes it.
+Controller enforces it on every change; docs/control.md's diagram is tested to be this
+table, edge for edge and label for label (tests/test_state_table.py)."""
+del _S
+
+
+class IllegalTransitionError(RuntimeError):
+    """A transition outside TRANSITIONS: a bug in the controller, never an input. The
+    service fails safe on it (beam off, HV off, line stopped)."""
 
 
 class StartPhase(enum.Enum):
@@ -710,5 +752,7 @@ class Controller:
     def _to(self, t_s: float, new: LineState, cause: str) -> None:
         if new is self.state:
             return
+        if (self.state, new) not in TRANSITIONS:
+            raise IllegalTransitionError(f"{self.state.value} -> {new.value} ({cause})")
         self.transitions.append(Transition(t_s, self.state, new, cause))
         self.state = new
