@@ -883,11 +883,14 @@ class LineService:
         if self._resume_request is not None and self.ctl.state is not LineState.OFFLINE:
             operator, self._resume_request = self._resume_request, None
             plan = self.interrupted_reel()
-            if plan is None:
+            if plan is None and not self._exit_when_done:
+                # A daemon started with --resume always (the systemd unit, compose) finds
+                # nothing to resume on most starts: that is no error.
+                log.info("--resume: no unfinished reel in the records: waiting for commands")
+            elif plan is None:
                 log.error("--resume: no unfinished reel in the records")
                 self._audit("resume_reel", {}, accepted=False, reason="no unfinished reel")
-                if self._exit_when_done:
-                    self._stop.set()
+                self._stop.set()
             else:
                 self._reel_request = ReelRequest(
                     plan.reel_id, plan.planned_length_m, operator or plan.operator

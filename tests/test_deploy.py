@@ -272,6 +272,7 @@ def test_compose_controller_command_and_config_mount(compose: dict[str, Any]) ->
     args = linectl_parser().parse_args(cmd)
     assert args.command == "run"
     assert args.reel is None, "a fixed reel id would be refused on the second start"
+    assert args.resume, "a restarted container must take up the interrupted reel"
     mounts = _bind_mounts(svc)
     assert _host_path(mounts, str(args.config)) == CONFIG_DIR
     assert any(
@@ -692,6 +693,8 @@ def test_systemd_unit_has_the_required_settings() -> None:
     args = linectl_parser().parse_args(exec_start[1:])
     assert PurePosixPath(exec_start[0]).name == "linectl"
     assert args.command == "run"
+    assert args.resume, "a restart by systemd must take up the interrupted reel"
+    assert args.reel is None, "a fixed reel id would be refused on the second start"
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 

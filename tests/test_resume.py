@@ -9,6 +9,7 @@ Always checked against the simulator's true dose.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,32 @@ async def test_a_conveyor_restart_while_linectl_was_away_closes_the_reel(tmp_pat
     assert rest
     assert all(m.verdict is Verdict.UNPROVEN for m in rest)
     assert all("position lost" in m.causes for m in rest)
+
+
+@pytest.mark.parametrize("exit_when_done", [False, True])
+async def test_resume_with_no_reel_to_resume(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, exit_when_done: bool
+) -> None:
+    """The systemd unit and compose run `linectl run --resume` on every start: with no
+    interrupted reel a daemon waits for commands, quietly; `--exit-after-reel` has
+    nothing to do and ends, saying why."""
+    caplog.set_level(logging.INFO, logger="linectl.service")
+    cfg = operator_config(tmp_path, OP)
+    async with (
+        SimulatedLine(cfg, acc_port=0, cnv_port=0, seed=34, k_dose_true=TRUE_K) as sim,
+        line_service(cfg, sim, exit_when_done=exit_when_done) as svc,
+    ):
+        svc.request_resume(OP)
+        await wait_for(lambda: "--resume: no unfinished reel" in caplog.text, 30.0, "the resume")
+        if exit_when_done:
+            await wait_for(svc._stop.is_set, 5.0, "the run told to end")
+        else:
+            await wait_for(lambda: svc.ctl.state is LineState.READY, 30.0, "READY")
+            assert not svc._stop.is_set()
+            assert svc.ctl.reel is None
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    if exit_when_done:
+        assert any("no unfinished reel" in r.getMessage() for r in errors)
+    else:
+        assert errors == [], [r.getMessage() for r in errors]
+        assert "waiting for commands" in caplog.text
