@@ -49,7 +49,6 @@ import math
 import os
 import shutil
 import signal
-import sqlite3
 import sys
 import tempfile
 import time
@@ -257,13 +256,6 @@ class Plan:
     after_zone_m: float
 
 
-def _endpoints(cfg: LoadedConfig, sim: SimulatedLine) -> dict[str, Any]:
-    return {
-        "acc_endpoint": cfg.line.accelerator.model_copy(update={"port": sim.acc_port}),
-        "cnv_endpoint": cfg.line.conveyor.model_copy(update={"port": sim.cnv_port}),
-    }
-
-
 def _phase_timeouts(cfg: LoadedConfig, plan: Plan, v: float) -> tuple[float, float]:
     """Generous real-time bounds for the run to the restart and for the rest of the reel."""
     geom = cfg.line.geometry
@@ -280,7 +272,7 @@ async def planned_trial(
     recipe, path = select_recipe(cfg, None)
     t_first, t_rest = _phase_timeouts(cfg, plan, watch.v_full)
     with captured("first") as lines1:
-        svc = LineService(cfg, recipe, path, **_endpoints(cfg, sim))
+        svc = LineService(cfg, recipe, path, **sc.endpoints(cfg, sim))
         svc.on_reel_start.append(lambda _r, counter_m: watch.reel_started(counter_m))
         svc.request_reel(ReelRequest(plan.reel_id, plan.length_m, OP))
         task = asyncio.create_task(svc.run(exit_when_done=True), name="restart-scrap-first")
@@ -303,7 +295,7 @@ async def planned_trial(
     res["first_state_at_exit"] = svc.ctl.state.value
     hooks: list[float] = []
     with captured("second") as lines2:
-        svc2 = LineService(cfg, recipe, path, **_endpoints(cfg, sim))
+        svc2 = LineService(cfg, recipe, path, **sc.endpoints(cfg, sim))
         # A resumed reel keeps its coordinate 0: a second reel start would be a finding.
         svc2.on_reel_start.append(lambda _r, counter_m: hooks.append(counter_m))
         svc2.request_resume(OP)
@@ -324,31 +316,6 @@ async def planned_trial(
     res["second_state_at_exit"] = svc2.ctl.state.value
     res["log_lines"] = len(lines1) + len(lines2)
     res["log"] = notable(lines1 + lines2)
-
-
-def _read_only(db: Path, sql: str, *params: object) -> tuple[object, ...] | None:
-    """One row from the daemon's database, read-only (never a writer beside the daemon)."""
-    if not db.exists():
-        return None
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
-        try:
-            row: tuple[object, ...] | None = con.execute(sql, params).fetchone()
-            return row
-        finally:
-            con.close()
-    except sqlite3.Error:  # not created yet, or mid-creation
-        return None
-
-
-def _start_counter(db: Path, reel: str) -> float | None:
-    row = _read_only(db, "SELECT value FROM reel_state WHERE reel_id = ? AND key = 'start'", reel)
-    return None if row is None else float(json.loads(str(row[0]))["length_counter_m"])
-
-
-def _count_metres(db: Path, reel: str) -> int:
-    row = _read_only(db, "SELECT COUNT(*) FROM metres WHERE reel_id = ?", reel)
-    return 0 if row is None else int(str(row[0]))
 
 
 async def sigkill_trial(
@@ -394,13 +361,13 @@ async def sigkill_trial(
                 return first.returncode is None
 
             await wait_until(
-                lambda: _start_counter(db, plan.reel_id) is not None,
+                lambda: sc.start_counter(db, plan.reel_id) is not None,
                 60.0,
                 "the reel's start in the records",
                 alive=alive,
                 poll_s=0.05,
             )
-            watch.reel_started(_start_counter(db, plan.reel_id))
+            watch.reel_started(sc.start_counter(db, plan.reel_id))
             await wait_until(
                 lambda: watch.position_m() >= plan.restart_at_m and watch.at_full_speed(),
                 t_first,
@@ -416,7 +383,7 @@ async def sigkill_trial(
                 first.kill()
                 await first.wait()
     res["first_returncode"] = first.returncode
-    res["metres_recorded_before_restart"] = _count_metres(db, plan.reel_id)
+    res["metres_recorded_before_restart"] = sc.count_metres(db, plan.reel_id)
     # Killed: the PLCs' own watchdogs make the line safe.
     await wait_until(lambda: watch.tl.t_standstill is not None, 30.0, "the line to stand")
     with err2.open("wb") as f2:

@@ -460,13 +460,19 @@ class LineService:
             self._resume_request = "" if actor == "controller" else actor
         self._fault_stopped = None
 
+    def _check_reel_id(self, reel_id: str) -> bool:
+        """Whether starting `reel_id` resumes the unfinished reel; CommandRefused when
+        the id is taken otherwise (in this run or in the records: an id is used once)."""
+        reel = self.ctl.reel
+        resuming = reel is not None and not reel.complete and reel.plan.reel_id == reel_id
+        if not resuming and reel_id in self._opened_reels:
+            raise CommandRefused(f"reel {reel_id!r} exists already: a reel id is used once")
+        return resuming
+
     def _cmd_start(self, cmd: Command, recipe: tuple[Recipe, Path] | None) -> None:
         if cmd.reel_id is None or cmd.length_m is None:  # a Command not from parse_command
             raise CommandRefused("start_reel needs reel_id and length_m")
-        reel = self.ctl.reel
-        resuming = reel is not None and not reel.complete and reel.plan.reel_id == cmd.reel_id
-        if not resuming and cmd.reel_id in self._opened_reels:
-            raise CommandRefused(f"reel {cmd.reel_id!r} exists already: a reel id is used once")
+        resuming = self._check_reel_id(cmd.reel_id)
         if self.ctl.state is not LineState.READY:
             # Checked before the recipe changes, so that a refused start changes nothing.
             why = self.ctl.why_not_ready()
@@ -647,9 +653,12 @@ class LineService:
     async def _find_interrupted_reel(self) -> None:
         assert self._store is not None
         store = self._store
-        # Every id in the records is taken: a start with one is refused before it
-        # touches the line (MQTT and --reel alike), not failed by the store afterwards.
-        self._opened_reels |= await asyncio.to_thread(store.reel_ids)
+        # --reel gets the check _prepare gives start_reel, off the cycle: an id in the
+        # records is taken (unless it is the interrupted reel's), and the cycle refuses
+        # it before it touches the line.
+        req = self._reel_request
+        if req is not None and await asyncio.to_thread(store.reel_exists, req.reel_id):
+            self._opened_reels.add(req.reel_id)
         reel = await asyncio.to_thread(store.find_open_reel, self.line_id)
         if reel is None:
             return
@@ -900,14 +909,12 @@ class LineService:
             self._reel_request = None
             plan = ReelPlan(req.reel_id, req.length_m, req.operator)
             try:
-                resuming = self.ctl.reel is not None and self.ctl.reel.plan.reel_id == req.reel_id
-                if not resuming and req.reel_id in self._opened_reels:
-                    # The check start_reel makes (_cmd_start): --reel gets it too.
+                try:
+                    resuming = self._check_reel_id(req.reel_id)  # as start_reel is checked
+                except CommandRefused:
                     if self._exit_when_done:
                         self._stop.set()
-                    raise CommandRefused(
-                        f"reel {req.reel_id!r} exists already: a reel id is used once"
-                    )
+                    raise
                 self.ctl.request_start(plan)
                 if not resuming:
                     self._open_reel(plan)
@@ -1069,17 +1076,17 @@ class LineService:
         assert self.ledger is not None
         assert self.ctl.reel is not None
         reel_id = self.ctl.reel.plan.reel_id
+        wall = self.wall()
         ckpt: dict[str, Any] = {
             "position_m": self.ledger.position_m,
             "length_counter_m": self._last_sample_length_m,
             "next_metre": self.ledger.next_metre,
             "uncertainty_m": self.ledger.position_uncertainty_m,
-            "wall": self.wall(),
+            "wall": wall,
         }
         ckpt.update(self._resume_state())
         self._last_ckpt_t = t_s
         self.records_written += len(records)
-        wall = self.wall()
         batch = list(records)
         if batch:
             for on_metres in self.on_metres:

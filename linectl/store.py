@@ -443,10 +443,6 @@ class RecordStore:
         rows = self._query(f"SELECT {self._REEL_COLUMNS} FROM reels ORDER BY started_at, rowid")
         return [self._reel_from_row(r) for r in rows]
 
-    def reel_ids(self) -> set[str]:
-        """Every reel id in the records (an id is used once, whatever became of it)."""
-        return {str(r[0]) for r in self._query("SELECT reel_id FROM reels")}
-
     def metre_tallies(self) -> dict[str, tuple[int, int, int]]:
         """Reel id -> (metres stored, of them in spec, last stored index), for every reel
         with metres, in one query."""

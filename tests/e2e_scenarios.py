@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import shutil
+import sqlite3
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +26,7 @@ from linectl.config import LoadedConfig, load_config
 from linectl.core.control import LineState
 from linectl.core.ledger import Verdict
 from linectl.service import LineService, ReelRequest, select_recipe
-from linectl.store import RecordStore
+from linectl.store import RecordStore, ReelInfo
 from simulators.server import SimulatedLine
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -106,6 +108,51 @@ def endpoints(cfg: LoadedConfig, sim: SimulatedLine) -> dict[str, Any]:
         "acc_endpoint": cfg.line.accelerator.model_copy(update={"port": sim.acc_port}),
         "cnv_endpoint": cfg.line.conveyor.model_copy(update={"port": sim.cnv_port}),
     }
+
+
+def open_reel_in_records(cfg: LoadedConfig, reel_id: str, planned_length_m: float) -> None:
+    """A reel opened in the line's records by an earlier run (never started here)."""
+    recipe, _ = select_recipe(cfg, None)
+    info = ReelInfo(
+        reel_id,
+        cfg.line.line_id,
+        recipe.product,
+        recipe.version,
+        "0" * 64,
+        recipe.model_dump_json(),
+        "A. Smith",
+        planned_length_m,
+        "2026-12-03T10:00:00.000Z",
+    )
+    with RecordStore(cfg.line.records.path) as store:
+        store.open_reel(info)
+
+
+def read_only(db: Path, sql: str, *params: object) -> tuple[object, ...] | None:
+    """One row from a daemon's database, read-only (never a writer beside the daemon)."""
+    if not db.exists():
+        return None
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
+        try:
+            row: tuple[object, ...] | None = con.execute(sql, params).fetchone()
+            return row
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created yet, or mid-creation
+        return None
+
+
+def start_counter(db: Path, reel: str) -> float | None:
+    """The length counter a daemon took as the reel's coordinate 0 (None: not yet)."""
+    row = read_only(db, "SELECT value FROM reel_state WHERE reel_id = ? AND key = 'start'", reel)
+    return None if row is None else float(json.loads(str(row[0]))["length_counter_m"])
+
+
+def count_metres(db: Path, reel: str) -> int:
+    """Metres a daemon has stored for the reel."""
+    row = read_only(db, "SELECT COUNT(*) FROM metres WHERE reel_id = ?", reel)
+    return 0 if row is None else int(str(row[0]))
 
 
 async def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -47,10 +47,10 @@ class Comparison:
     in_spec: int
     false_accepts: list[int]
     false_rejects: list[int]
-    # (ledger - truth) / target, measured metres (not estimated, not unproven)
+    # (ledger - truth) / target, measured metres (no "gap" cause, not unproven)
     errors_pct: list[float]
     verdicts: dict[str, int]
-    outside_bounds: list[int]  # estimated metres whose true dose is outside their bounds
+    outside_bounds: list[int]  # "gap" metres whose true dose is outside their bounds
 
     @property
     def rms_pct(self) -> float:
@@ -225,7 +225,7 @@ class ClosedLoop:
                 fa.append(rec.index)
             if not rec.in_spec and truly_in and rec.verdict is not Verdict.UNPROVEN:
                 fr.append(rec.index)
-            if rec.estimated:
+            if "gap" in rec.causes:
                 # A data gap touched it: its dose is an estimate, its bounds are the
                 # promise, and they hold its bins' bounds, so its mean true dose.
                 if not rec.min_dose_kgy <= true <= rec.max_dose_kgy:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sqlite3
@@ -22,7 +21,14 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from e2e_scenarios import TRUE_K, compact_config, endpoints, wait_for
+from e2e_scenarios import (
+    TRUE_K,
+    compact_config,
+    count_metres,
+    endpoints,
+    start_counter,
+    wait_for,
+)
 
 from linectl.config import LoadedConfig, load_config
 from linectl.core.control import LineState
@@ -90,31 +96,6 @@ def daemon_env() -> Iterator[dict[str, str]]:
     return {k: v for k, v in os.environ.items() if not k.startswith("LINECTL_")}
 
 
-def _read_only(db: Path, sql: str, *params: object) -> tuple[object, ...] | None:
-    """One row from the daemon's database, read-only (never a writer beside the daemon)."""
-    if not db.exists():
-        return None
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
-        try:
-            row: tuple[object, ...] | None = con.execute(sql, params).fetchone()
-            return row
-        finally:
-            con.close()
-    except sqlite3.Error:  # not created yet, or mid-creation
-        return None
-
-
-def _count_metres(db: Path, reel: str) -> int:
-    row = _read_only(db, "SELECT COUNT(*) FROM metres WHERE reel_id = ?", reel)
-    return 0 if row is None else int(str(row[0]))
-
-
-def _start_counter(db: Path, reel: str) -> float | None:
-    row = _read_only(db, "SELECT value FROM reel_state WHERE reel_id = ? AND key = 'start'", reel)
-    return None if row is None else float(json.loads(str(row[0]))["length_counter_m"])
-
-
 async def test_sigkill_mid_reel_then_restart_resumes(
     cfg_dir: Path, tmp_path: Path, daemon_env: dict[str, str]
 ) -> None:
@@ -132,11 +113,11 @@ async def test_sigkill_mid_reel_then_restart_resumes(
             stderr=subprocess.PIPE,
         )
         try:
-            await wait_for(lambda: _start_counter(db, "E2E-KILL") is not None, 60.0, "reel start")
-            counter = _start_counter(db, "E2E-KILL")
+            await wait_for(lambda: start_counter(db, "E2E-KILL") is not None, 60.0, "reel start")
+            counter = start_counter(db, "E2E-KILL")
             assert counter is not None
             sim.plant.start_reel(counter)
-            await wait_for(lambda: _count_metres(db, "E2E-KILL") >= 8, 60.0, "8 metres recorded")
+            await wait_for(lambda: count_metres(db, "E2E-KILL") >= 8, 60.0, "8 metres recorded")
             first.send_signal(signal.SIGKILL)
             first.wait(5.0)
         except (AssertionError, TimeoutError):
@@ -202,11 +183,11 @@ async def test_sigterm_stops_the_line_safely_before_exit(
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            await wait_for(lambda: _start_counter(db, "E2E-TERM") is not None, 60.0, "reel start")
-            counter = _start_counter(db, "E2E-TERM")
+            await wait_for(lambda: start_counter(db, "E2E-TERM") is not None, 60.0, "reel start")
+            counter = start_counter(db, "E2E-TERM")
             assert counter is not None
             sim.plant.start_reel(counter)
-            await wait_for(lambda: _count_metres(db, "E2E-TERM") >= 5, 60.0, "5 metres recorded")
+            await wait_for(lambda: count_metres(db, "E2E-TERM") >= 5, 60.0, "5 metres recorded")
             assert sim.plant.accelerator.beam_on
             proc.send_signal(signal.SIGTERM)
             _out, err = await asyncio.wait_for(proc.communicate(), 60.0)
@@ -245,6 +226,61 @@ async def test_sigterm_stops_the_line_safely_before_exit(
     log = err.decode()
     assert "stopping: bringing the line to a safe stop" in log
     assert "PLC watchdogs disarmed" in log
+
+
+async def test_planned_restart_as_documented_sigterm_then_resume(
+    cfg_dir: Path, tmp_path: Path, daemon_env: dict[str, str]
+) -> None:
+    """The planned restart the docs give (records.md "Restart semantics", deployment.md:
+    `systemctl restart` is SIGTERM, then `linectl run --resume`), run exactly so: the
+    reel goes on from its checkpoint and nothing of it is recorded unproven."""
+    cfg = load_config(cfg_dir, environ={})
+    db = tmp_path / "records.sqlite"
+    d = Daemon.on_free_ports(cfg_dir, daemon_env)
+    async with SimulatedLine(
+        cfg, acc_port=d.acc_port, cnv_port=d.cnv_port, seed=8, k_dose_true=TRUE_K
+    ) as sim:
+        first = await asyncio.create_subprocess_exec(
+            *d.cmd,
+            "--reel",
+            "E2E-PLANNED",
+            "--length",
+            "20",
+            env=d.env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await wait_for(lambda: start_counter(db, "E2E-PLANNED") is not None, 60.0, "start")
+            counter = start_counter(db, "E2E-PLANNED")
+            assert counter is not None
+            sim.plant.start_reel(counter)
+            await wait_for(lambda: count_metres(db, "E2E-PLANNED") >= 5, 60.0, "5 metres")
+            first.send_signal(signal.SIGTERM)
+            _out, err1 = await asyncio.wait_for(first.communicate(), 60.0)
+        finally:
+            if first.returncode is None:
+                first.kill()
+                await first.wait()
+        assert first.returncode == 0, err1.decode()[-2000:]
+        second = await asyncio.create_subprocess_exec(
+            *d.cmd,
+            "--resume",
+            "--exit-after-reel",
+            env=d.env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _out, err2 = await asyncio.wait_for(second.communicate(), 120.0)
+        assert second.returncode == 0, err2.decode()[-2000:]
+        with RecordStore(db) as store:
+            metres = store.metres("E2E-PLANNED")
+            reel = store.reel("E2E-PLANNED")
+        counts = check_against_truth(metres, sim, cfg, 20)
+    assert reel.state == "closed"
+    assert "resumed from its checkpoint" in err2.decode()
+    assert counts.get("unproven", 0) == 0, counts
+    assert not any("controller down" in m.causes for m in metres)
 
 
 async def test_cancelled_service_commands_the_safe_state(cfg_dir: Path) -> None:

@@ -13,14 +13,14 @@ import math
 from pathlib import Path
 
 import pytest
-from e2e_scenarios import TRUE_K, line_service, operator_config, wait_for
+from e2e_scenarios import TRUE_K, line_service, open_reel_in_records, operator_config, wait_for
 
 from linectl.commands import Command, CommandName, CommandResult
 from linectl.config import LoadedConfig
 from linectl.core.control import LineState
 from linectl.core.ledger import Verdict
 from linectl.service import LineService, select_recipe
-from linectl.store import RecordStore, ReelInfo
+from linectl.store import RecordStore
 from simulators.server import SimulatedLine
 
 pytestmark = pytest.mark.slow
@@ -201,21 +201,7 @@ async def test_end_an_interrupted_reel_after_a_restart(tmp_path: Path) -> None:
 async def test_end_a_reel_that_never_started(tmp_path: Path) -> None:
     # Opened in the records, never started (no cable accounted): ended with no metres.
     cfg = operator_config(tmp_path, OP)
-    recipe, _ = select_recipe(cfg, None)
-    with RecordStore(cfg.line.records.path) as store:
-        store.open_reel(
-            ReelInfo(
-                "END-3",
-                cfg.line.line_id,
-                recipe.product,
-                recipe.version,
-                "0" * 64,
-                recipe.model_dump_json(),
-                "A. Smith",
-                50.0,
-                "2026-12-03T10:00:00.000Z",
-            )
-        )
+    open_reel_in_records(cfg, "END-3", 50.0)
     async with SimulatedLine(cfg, seed=23, k_dose_true=TRUE_K) as sim:
         # As `linectl run --exit-after-reel`: ending the reel ends the run.
         async with line_service(cfg, sim, exit_when_done=True) as svc:

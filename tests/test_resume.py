@@ -10,6 +10,7 @@ Always checked against the simulator's true dose.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from linectl.commands import Command, CommandName
 from linectl.config import LoadedConfig
 from linectl.core.control import LineState
 from linectl.core.ledger import Verdict
-from linectl.service import select_recipe
+from linectl.service import LineService, select_recipe
 from linectl.store import RecordStore, StoredMetre
 from simulators.server import SimulatedLine
 
@@ -39,6 +40,20 @@ async def _first_run(cfg: LoadedConfig, sim: SimulatedLine, reel_id: str) -> int
     with RecordStore(cfg.line.records.path) as store:
         assert store.reel(reel_id).state == "open"
         return len(store.metres(reel_id))
+
+
+async def _resume(svc: LineService, done: Callable[[], bool], what: str) -> None:
+    """Resume the interrupted reel; the fault a restarted PLC latched, if any, reset by
+    the operator; until `done` or that fault."""
+    await wait_for(lambda: svc.interrupted_reel() is not None, 30.0, "reel found")
+    svc.request_resume(OP)
+    await wait_for(
+        lambda: svc.ctl.state is LineState.FAULT or done(),
+        60.0,
+        f"{what}, or the restarted PLC's fault to reset",
+    )
+    if svc.ctl.state is LineState.FAULT:
+        assert (await svc.execute(Command(CommandName.RESET, OP))).ack
 
 
 def _metres(cfg: LoadedConfig, reel_id: str) -> list[StoredMetre]:
@@ -87,15 +102,7 @@ async def test_a_plc_restart_while_linectl_was_away_is_not_trusted(tmp_path: Pat
         before = await _first_run(cfg, sim, "ACC-AWAY")
         await sim.restart("accelerator", 0.3, counters={"charge_total": 77, "clock": 5})
         async with line_service(cfg, sim, exit_when_done=True) as svc:
-            await wait_for(lambda: svc.interrupted_reel() is not None, 30.0, "reel found")
-            svc.request_resume(OP)
-            await wait_for(
-                lambda: svc.ctl.state is LineState.FAULT or svc.finished_reels != [],
-                60.0,
-                "the reel back, or the restarted PLC's fault to reset",
-            )
-            if svc.ctl.state is LineState.FAULT:
-                assert (await svc.execute(Command(CommandName.RESET, OP))).ack
+            await _resume(svc, lambda: svc.finished_reels != [], "the reel back")
             await wait_for(lambda: svc.finished_reels == ["ACC-AWAY"], 120.0, "reel finished")
         metres = _metres(cfg, "ACC-AWAY")
         _no_false_accept(cfg, sim, metres)
@@ -115,15 +122,7 @@ async def test_a_conveyor_restart_while_linectl_was_away_closes_the_reel(tmp_pat
         before = await _first_run(cfg, sim, "CNV-AWAY")
         await sim.restart("conveyor", 0.3, counters={"length": 4_321, "clock": 9})
         async with line_service(cfg, sim, exit_when_done=True) as svc:
-            await wait_for(lambda: svc.interrupted_reel() is not None, 30.0, "reel found")
-            svc.request_resume(OP)
-            await wait_for(
-                lambda: svc.ctl.state is LineState.FAULT or svc.interrupted_reel() is None,
-                60.0,
-                "the reel closed, or the restarted PLC's fault to reset",
-            )
-            if svc.ctl.state is LineState.FAULT:
-                assert (await svc.execute(Command(CommandName.RESET, OP))).ack
+            await _resume(svc, lambda: svc.interrupted_reel() is None, "the reel closed")
             await wait_for(lambda: svc.interrupted_reel() is None, 60.0, "the reel closed")
         with RecordStore(cfg.line.records.path) as store:
             reel = store.reel("CNV-AWAY")

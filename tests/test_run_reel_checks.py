@@ -8,13 +8,13 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from e2e_scenarios import TRUE_K, compact_config, endpoints
+from e2e_scenarios import TRUE_K, compact_config, endpoints, open_reel_in_records
 
 from linectl.cli import main
 from linectl.config import load_config
 from linectl.core.control import LineState
 from linectl.service import LineService, ReelRequest, select_recipe
-from linectl.store import RecordStore, ReelInfo
+from linectl.store import RecordStore
 from simulators.server import SimulatedLine
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -44,20 +44,8 @@ async def test_a_reel_id_in_the_records_is_refused_before_the_line_moves(
 ) -> None:
     cfg = load_config(compact_config(tmp_path), environ={})
     recipe, path = select_recipe(cfg, None)
+    open_reel_in_records(cfg, "USED", 5.0)
     with RecordStore(cfg.line.records.path) as store:
-        store.open_reel(
-            ReelInfo(
-                "USED",
-                cfg.line.line_id,
-                recipe.product,
-                recipe.version,
-                "0" * 64,
-                recipe.model_dump_json(),
-                "A. Smith",
-                5.0,
-                "2026-12-03T10:00:00.000Z",
-            )
-        )
         store.close_reel("USED", "2026-12-03T11:00:00.000Z", "planned length reached")
     async with SimulatedLine(cfg, acc_port=0, cnv_port=0, seed=42, k_dose_true=TRUE_K) as sim:
         svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))

@@ -92,12 +92,6 @@ class MetreRecord:
         """True only for a metre shown to be in spec."""
         return self.verdict is Verdict.IN_SPEC
 
-    @property
-    def estimated(self) -> bool:
-        """A data gap touched the metre (cause "gap", whatever the verdict): dose_kgy is
-        an estimate (the gap's charge spread evenly) and only the bounds are sound."""
-        return "gap" in self.causes
-
 
 @dataclass(frozen=True, slots=True)
 class IntervalEvent:
