@@ -24,6 +24,9 @@ the docker-compose stack, whose Debian Python is 3.11.2). So the rules are:
 - whoever stops a task uses :func:`stop_task`, which cancels again until the task ends;
 - linectl's own code never calls ``asyncio.wait_for`` (ruff's banned-api rule enforces
   it) and uses ``asyncio.timeout``, which is correct on 3.11.
+
+It also holds :func:`unix_ms`, the one wall clock in unix milliseconds, for the adapters
+and the service (pure code takes time as an argument).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -39,6 +43,11 @@ from typing import Any, Generic, TypeVar
 log = logging.getLogger("linectl.aio")
 
 T = TypeVar("T")
+
+
+def unix_ms() -> int:
+    """Wall-clock time now, unix milliseconds (payload and record time stamps)."""
+    return time.time_ns() // 1_000_000
 
 
 def _requests() -> int:

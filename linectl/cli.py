@@ -1,4 +1,4 @@
-"""Command line: `linectl config|recipe|sim|run|report|demo|status|reel|alarms|reset|watch`.
+"""Command line: `linectl config|recipe|probe|sim|run|report|demo|status|reel|alarms|reset|watch`.
 
 Wiring only: every check lives in linectl.config, the daemon's client in linectl.client;
 this module loads, prints and maps errors to exit codes (0 ok, 1 not done, 2 bad input
@@ -63,6 +63,7 @@ from linectl.errors import (
     LinectlError,
     LocalError,
 )
+from linectl.probe import add_probe_parser
 from linectl.report import add_report_parser
 
 log = logging.getLogger("linectl.cli")
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(commands)
     add_report_parser(commands)
     add_demo_parser(commands)
+    # probe: commissioning reads (and, with --active, writes) straight to the PLCs.
+    add_probe_parser(commands)
 
     # the running daemon's client, through the MQTT broker ----------------------------
     _add_client_parsers(commands, recipe_cmds)

@@ -12,6 +12,8 @@ Two halves:
   topics say about the line) and its renderings; time is an argument.
 - `LineClient`, a thin aiomqtt shell (one connection, MQTT 5 when the broker speaks it,
   else 3.1.1), and the `read_line`, `send_command` and `watch` coroutines the CLI runs.
+  The connection itself (client, TLS, `watch`'s reconnect back-off) is linectl.broker's,
+  as for the daemon's MQTT bridge and Sparkplug node.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Final, TextIO
 
 import aiomqtt
@@ -36,9 +37,10 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from linectl.aio import cancellable, entered, task_group
+from linectl.aio import cancellable, entered, task_group, unix_ms
+from linectl.broker import Backoff, BrokerSettings, make_client, reconnect_loop, resolve_tls
 from linectl.commands import CommandError, CommandName, CommandResult, parse_command
-from linectl.config import LoadedConfig
+from linectl.config import LoadedConfig, MqttTls
 from linectl.errors import LocalError, RemoteError
 from linectl.telemetry import LIVE_UNITS, LIVE_VALUES, SCHEMAS, TOPIC_SPECS, Topics, encode
 
@@ -60,11 +62,6 @@ class NoAnswerError(RemoteError, TimeoutError):
     """The line did not answer (no daemon, or it is not connected to this broker)."""
 
 
-def unix_ms() -> int:
-    """Wall-clock time now, unix milliseconds."""
-    return time.time_ns() // 1_000_000
-
-
 # ---------------------------------------------------------------------- settings
 
 
@@ -80,12 +77,10 @@ class ClientSettings:
     """Our identity in command topics (`cmd/<command>/<sender>`); with the documented
     broker ACL it must be our broker user name."""
     username: str | None = None
-    password: str | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    tls: bool = False
-    tls_insecure: bool = False
+    # repr=False: a printed settings object never shows the password.
+    password: str | None = field(default=None, repr=False)
+    tls: MqttTls | None = None
+    """`[mqtt.tls]`, its files resolved; None: plain TCP."""
     keepalive_s: int = 15
     mqtt_enabled: bool = True
     """`[mqtt] enabled` in the configuration we read (only for hints in errors: the
@@ -101,6 +96,18 @@ class ClientSettings:
     def topics(self) -> Topics:
         """The line's topics."""
         return Topics.for_line(self.topic_prefix, self.line_id)
+
+    def connection(self, client_id: str) -> BrokerSettings:
+        """The broker connection (linectl.broker) under `client_id`."""
+        return BrokerSettings(
+            host=self.host,
+            port=self.port,
+            client_id=client_id,
+            username=self.username,
+            password=self.password,
+            tls=self.tls,
+            keepalive_s=self.keepalive_s,
+        )
 
 
 def parse_broker(text: str, default_port: int) -> tuple[str, int]:
@@ -157,11 +164,6 @@ def client_settings(
             sender = mq.username or login()
         except (KeyError, OSError):  # no login name (a container without a passwd entry)
             raise LocalError("no sender identity: give --sender ID") from None
-    tls = mq.tls
-
-    def path(p: str | None) -> Path | None:
-        return None if p is None else loaded.resolve(p)
-
     return ClientSettings(
         line_id=loaded.line.line_id,
         host=host,
@@ -170,11 +172,7 @@ def client_settings(
         sender=check_sender(sender),
         username=mq.username,
         password=mq.password,
-        tls=tls is not None,
-        ca_file=path(tls.ca_file) if tls else None,
-        cert_file=path(tls.cert_file) if tls else None,
-        key_file=path(tls.key_file) if tls else None,
-        tls_insecure=tls.insecure if tls else False,
+        tls=resolve_tls(mq.tls, loaded.resolve),
         keepalive_s=mq.keepalive_s,
         mqtt_enabled=mq.enabled,
     )
@@ -672,25 +670,10 @@ class LineClient:
 
     def _make(self, protocol: aiomqtt.ProtocolVersion) -> aiomqtt.Client:
         s = self.settings
-        tls = None
-        if s.tls:
-            tls = aiomqtt.TLSParameters(
-                ca_certs=None if s.ca_file is None else str(s.ca_file),
-                certfile=None if s.cert_file is None else str(s.cert_file),
-                keyfile=None if s.key_file is None else str(s.key_file),
-            )
-        return aiomqtt.Client(
-            s.host,
-            s.port,
-            username=s.username,
-            password=s.password,
-            # Never the daemon's client id: the broker would drop the daemon's session.
-            identifier=f"linectl-cli-{s.sender}-{secrets.token_hex(4)}"[:64],
-            protocol=protocol,
-            keepalive=s.keepalive_s,
-            timeout=self.connect_timeout_s,
-            tls_params=tls,
-            tls_insecure=s.tls_insecure if s.tls else None,
+        # Never the daemon's client id: the broker would drop the daemon's session.
+        client_id = f"linectl-cli-{s.sender}-{secrets.token_hex(4)}"[:64]
+        return make_client(
+            s.connection(client_id), protocol=protocol, timeout_s=self.connect_timeout_s
         )
 
     async def __aenter__(self) -> LineClient:
@@ -789,8 +772,8 @@ class LineClient:
         props: Properties | None = None
         correlation = request_id.encode()
         if self.protocol is aiomqtt.ProtocolVersion.V5:
-            # The fallback topic as the response topic too: the documented ACL
-            # (`pattern read linectl/+/response/%u`) then covers both protocols.
+            # Our own response topic, the only one the daemon answers on (the documented
+            # ACL, `pattern read linectl/+/response/%u`, covers both protocols).
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.ResponseTopic = response_topic
             props.CorrelationData = correlation
@@ -964,29 +947,37 @@ async def watch(
             if scr.dirty or clock() - scr.drawn_s >= 1.0:
                 scr.draw(view.screen_lines(settings, wall_ms(), note))
 
-    async def follow() -> None:
+    connected_once = False
+
+    async def connection(connected: Callable[[], None]) -> None:
+        nonlocal note, connected_once
+        async with LineClient(settings, connect_timeout_s=connect_timeout_s) as c:
+            await c.subscribe(*topics)
+            connected()
+            connected_once = True
+            if note:
+                note = ""
+                emit([f"{clock_text(wall_ms(), ms=True)} broker {settings.broker} back"])
+            async for m in c.client.messages:
+                emit(view.apply(m.topic.value, m.payload))
+
+    def lost(exc: Exception) -> None:
         nonlocal note
-        connected_once = False
-        backoff_s = 0.2
-        while True:
-            try:
-                async with LineClient(settings, connect_timeout_s=connect_timeout_s) as c:
-                    await c.subscribe(*topics)
-                    connected_once, backoff_s = True, 0.2
-                    if note:
-                        note = ""
-                        emit([f"{clock_text(wall_ms(), ms=True)} broker {settings.broker} back"])
-                    async for m in c.client.messages:
-                        emit(view.apply(m.topic.value, m.payload))
-            except (aiomqtt.MqttError, BrokerError) as exc:
-                if not connected_once:
-                    if isinstance(exc, BrokerError):
-                        raise
-                    raise BrokerError(f"lost MQTT broker {settings.broker}: {exc}") from None
-                note = f"broker {settings.broker} lost ({exc}); reconnecting"
-                emit([f"{clock_text(wall_ms(), ms=True)} {note}"])
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, backoff_max_s)
+        if not connected_once:
+            if isinstance(exc, BrokerError):
+                raise exc
+            raise BrokerError(f"lost MQTT broker {settings.broker}: {exc}") from None
+        note = f"broker {settings.broker} lost ({exc}); reconnecting"
+        emit([f"{clock_text(wall_ms(), ms=True)} {note}"])
+
+    async def follow() -> None:
+        # Until cancelled (Ctrl-C) or the duration is over: no stop event.
+        await reconnect_loop(
+            connection,
+            Backoff(backoff_max_s, first_s=0.2),
+            retry=(aiomqtt.MqttError, BrokerError),
+            on_error=lost,
+        )
 
     async def run() -> None:
         if scr is None:

@@ -12,9 +12,10 @@ import enum
 import json
 import math
 import re
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from linectl.config import MqttConfig
 from linectl.errors import LocalError
@@ -176,6 +177,24 @@ def _text(obj: Mapping[str, Any], key: str, pattern: re.Pattern[str] | None = No
     return value
 
 
+# The pattern parse_command holds each identifier key to (free text has none).
+_PATTERNS: dict[str, re.Pattern[str]] = {
+    "reel_id": _ID_RE,
+    "request_id": _ID_RE,
+    "sender": _NAME_RE,
+    "recipe": _RECIPE_RE,
+}
+
+
+def check_value(key: str, value: object, *, pattern: bool = True) -> str:
+    """`value` checked as parse_command checks the command key `key` (a string, the key's
+    pattern, the length limit, no control character or lone surrogate), for input that
+    comes another way (the command line: a byte of argv that is not UTF-8 arrives as a
+    lone surrogate). `pattern=False`: only the checks every stored text gets (a recipe
+    given as a path). CommandError names the key and what is wrong."""
+    return _text({key: value}, key, _PATTERNS.get(key) if pattern else None)
+
+
 def parse_command(
     payload: bytes | str,
     *,
@@ -268,6 +287,27 @@ def role_of(identity: str, cfg: MqttConfig) -> str | None:
     return cfg.identities.get(identity)
 
 
+def request_id_of(payload: bytes | str) -> str:
+    """The request id a payload carries, best effort ('' when it has none that is
+    valid): for answering a command refused without being parsed."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        return ""
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):
+        return ""
+    rid = obj.get("request_id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, str) and _ID_RE.fullmatch(rid) else ""
+
+
+def authorize_sender(identity: str, cfg: MqttConfig) -> str:
+    """'' when `identity` may send some command, else why not (no role): checked on the
+    topic alone, before the payload is read."""
+    if role_of(identity, cfg) is None and not cfg.allow_anonymous_commands:
+        return f"identity {bounded(identity)!r} has no role"
+    return ""
+
+
 def authorize(identity: str, command: Command | CommandName, cfg: MqttConfig) -> str:
     """'' when `identity` may send `command`, else the reason it may not.
 
@@ -277,9 +317,7 @@ def authorize(identity: str, command: Command | CommandName, cfg: MqttConfig) ->
     name = command.name if isinstance(command, Command) else command
     role = role_of(identity, cfg)
     if role is None:
-        if cfg.allow_anonymous_commands:
-            return ""
-        return f"identity {identity!r} has no role"
+        return authorize_sender(identity, cfg)
     allowed = cfg.roles.get(role)
     if allowed is None:
         return f"role {role!r} (of {identity!r}) is not configured"
@@ -288,15 +326,180 @@ def authorize(identity: str, command: Command | CommandName, cfg: MqttConfig) ->
     return f"role {role!r} may not send {name.value}"
 
 
+# ---------------------------------------------------------------------- flood control
+
+MAX_STORED_TEXT = 64
+"""A sender or command name taken from a topic is kept to this many characters in logs
+and the audit trail (a topic level may be 65,535 bytes long)."""
+
+
+def bounded(text: str, limit: int = MAX_STORED_TEXT) -> str:
+    """`text`, cut to `limit` characters with a note of how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...(+{len(text) - limit} chars)"
+
+
+class RefusalTally:
+    """Commands refused without being read: from senders that have no role, on a topic
+    with an empty level, or dropped because their sender's queue was full.
+
+    They are counted, not audited one by one: a flood of them would otherwise cost a
+    store write each and bury one reel's audit trail (one report listed 20,017
+    "operator actions"). `flush()` gives the aggregate for one audit row, attached to
+    no reel, once per `window_s`. Answers are rate-limited per sender
+    (`answer_interval_s`) and in total (`max_answers_per_s`). Memory is bounded: at most
+    `max_senders` distinct senders are named; the rest are counted together.
+    Pure: time comes in as an argument.
+    """
+
+    def __init__(
+        self,
+        *,
+        window_s: float = 10.0,
+        answer_interval_s: float = 1.0,
+        max_answers_per_s: float = 20.0,
+        max_senders: int = 64,
+    ) -> None:
+        self.window_s = window_s
+        self.answer_interval_s = answer_interval_s
+        self.max_answers_per_s = max_answers_per_s
+        self.max_senders = max_senders
+        self.total = 0
+        """Refusals since this tally was made (for metrics and tests)."""
+        self._counts: dict[tuple[str, str], int] = {}  # (sender, reason) -> count
+        self._other = 0  # beyond max_senders
+        self._since_s: float | None = None
+        self._answered_s: dict[str, float] = {}
+        self._budget = max_answers_per_s
+        self._budget_t_s: float | None = None
+
+    def add(self, sender: str, reason: str, now_s: float) -> bool:
+        """Count one refusal; whether to answer it (rate limits)."""
+        self.total += 1
+        if self._since_s is None:
+            self._since_s = now_s
+        key = (bounded(sender), reason)
+        if key in self._counts or len(self._counts) < self.max_senders:
+            self._counts[key] = self._counts.get(key, 0) + 1
+        else:
+            self._other += 1
+        return self._may_answer(key[0], now_s)
+
+    def _may_answer(self, sender: str, now_s: float) -> bool:
+        if self._budget_t_s is not None:
+            self._budget = min(
+                self.max_answers_per_s,
+                self._budget + (now_s - self._budget_t_s) * self.max_answers_per_s,
+            )
+        self._budget_t_s = now_s
+        last = self._answered_s.get(sender)
+        if self._budget < 1.0 or (last is not None and now_s - last < self.answer_interval_s):
+            return False
+        if last is None and len(self._answered_s) >= self.max_senders:
+            # Forget senders not answered for a while; bounded either way.
+            cutoff = now_s - self.answer_interval_s
+            self._answered_s = {k: t for k, t in self._answered_s.items() if t > cutoff}
+            if len(self._answered_s) >= self.max_senders:
+                return False
+        self._budget -= 1.0
+        self._answered_s[sender] = now_s
+        return True
+
+    def due(self, now_s: float) -> bool:
+        """Whether a window's aggregate is waiting to be audited."""
+        return self._since_s is not None and now_s - self._since_s >= self.window_s
+
+    def flush(self, now_s: float) -> dict[str, Any] | None:
+        """The aggregate since the last flush (None if nothing was refused), for one
+        audit row; the tally starts over."""
+        if self._since_s is None:
+            return None
+        by_sender: dict[str, dict[str, int]] = {}
+        for (sender, reason), n in sorted(self._counts.items(), key=lambda kv: -kv[1]):
+            by_sender.setdefault(sender, {})[reason] = n
+        out: dict[str, Any] = {
+            "refused": sum(self._counts.values()) + self._other,
+            "window_s": round(now_s - self._since_s, 3),
+            "by_sender": by_sender,
+        }
+        if self._other:
+            out["other_senders"] = self._other
+        self._counts, self._other, self._since_s = {}, 0, None
+        return out
+
+
+T = TypeVar("T")
+
+
+class CommandInbox(Generic[T]):
+    """Commands from senders that may send them, waiting for the control cycle.
+
+    One bounded queue per sender (`per_sender`), served round robin with at most one
+    command per sender in flight: a sender that floods fills only its own queue (what
+    overflows is dropped and counted), and every other sender's command goes to the next
+    cycle. At most `max_senders` senders have a queue. Pure: no event loop.
+    """
+
+    def __init__(self, *, per_sender: int = 8, max_senders: int = 64) -> None:
+        self.per_sender = per_sender
+        self.max_senders = max_senders
+        self._queues: dict[str, deque[T]] = {}
+        self._busy: set[str] = set()
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def offer(self, sender: str, item: T) -> bool:
+        """Queue `item`; False (dropped) when the sender's queue is full or there are
+        too many senders with commands waiting."""
+        q = self._queues.get(sender)
+        if q is None:
+            if len(self._queues) >= self.max_senders:
+                return False
+            q = self._queues[sender] = deque()
+        if len(q) >= self.per_sender:
+            return False
+        q.append(item)
+        return True
+
+    def take(self) -> list[tuple[str, T]]:
+        """The next command of each sender with none in flight (now in flight)."""
+        out = []
+        for sender, q in list(self._queues.items()):
+            if sender in self._busy or not q:
+                continue
+            out.append((sender, q.popleft()))
+            self._busy.add(sender)
+        # Round robin: the senders just served go to the back of the order.
+        for sender, _ in out:
+            self._queues[sender] = self._queues.pop(sender)
+        return out
+
+    def done(self, sender: str) -> None:
+        """The sender's command in flight has been answered."""
+        self._busy.discard(sender)
+        q = self._queues.get(sender)
+        if q is not None and not q:
+            del self._queues[sender]
+
+
 __all__ = [
     "MAX_COMMAND_BYTES",
+    "MAX_STORED_TEXT",
     "Command",
     "CommandError",
+    "CommandInbox",
     "CommandName",
     "CommandResult",
+    "RefusalTally",
     "authorize",
+    "authorize_sender",
+    "bounded",
+    "check_value",
     "command_name",
     "nak",
     "parse_command",
+    "request_id_of",
     "role_of",
 ]

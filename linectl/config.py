@@ -16,11 +16,13 @@ import hashlib
 import itertools
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -32,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from linectl import dose
 from linectl.errors import ConfigError
 
 RegisterType = Literal["bits", "int16", "uint16", "int32", "uint32", "float32"]
@@ -50,6 +53,20 @@ _WIDTH: dict[str, int] = {
 }
 
 ENV_PREFIX = "LINECTL_"
+# Control characters (a tab is fine) and lone surrogates (how Python hands over a byte of
+# the environment that is not UTF-8).
+_BAD_ENV_CHARS_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+
+COMMAND_NAMES: tuple[str, ...] = (
+    "start_reel",
+    "stop",
+    "ack_alarm",
+    "reset",
+    "select_recipe",
+    "end_reel",
+)
+"""The operator commands a line takes (the values of linectl.commands.CommandName; a test
+keeps the two equal). `[mqtt.roles]` may name these and `*`, nothing else."""
 
 
 class _Strict(BaseModel):
@@ -497,6 +514,31 @@ class LineConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     """Prometheus metrics endpoint."""
 
+    @field_validator("mqtt")
+    @classmethod
+    def _check_roles(cls, mqtt: MqttConfig) -> MqttConfig:
+        # Checked where line.toml is loaded, so that `linectl config check` refuses what
+        # authorization could never match: a role naming a command that does not exist
+        # (a typo would silently take a right away) and an identity whose role is not
+        # defined (every command from it would be refused). Every fault is listed.
+        faults = []
+        known = ", ".join(COMMAND_NAMES)
+        for role, commands in mqtt.roles.items():
+            for command in commands:
+                if command != "*" and command not in COMMAND_NAMES:
+                    faults.append(f"roles.{role}: no command {command!r} (known: {known}, or '*')")
+        roles = ", ".join(repr(r) for r in mqtt.roles) or "none"
+        for identity, role in mqtt.identities.items():
+            if role not in mqtt.roles:
+                faults.append(
+                    f"identities.{identity}: role {role!r} is not defined in [mqtt.roles] "
+                    f"(defined: {roles})"
+                )
+        if faults:
+            # One fault a line, each under the `mqtt` key the error report names.
+            raise ValueError("\n  mqtt: ".join(faults))
+        return mqtt
+
     @model_validator(mode="after")
     def _check(self) -> LineConfig:
         hold_min_s = self.watchdog_timeout_ms / 1000.0 + 2 * self.cycle_period_s
@@ -578,9 +620,15 @@ class Recipe(_Strict):
             )
         return self
 
+    def energy_ok(self, energy_mev: float) -> bool:
+        """Whether a measured beam energy is this recipe's, within its tolerance."""
+        return dose.energy_in_tolerance(energy_mev, self.energy_mev, self.energy_tolerance_mev)
+
     def current_for_dose_ma(self, speed_m_min: float, weight_sum: float) -> float:
         """Beam current that gives the target dose at this speed: I = D v W / (K sum w)."""
-        return self.target_dose_kgy * speed_m_min * self.scan_width_cm / (self.k_dose * weight_sum)
+        return dose.current_for_dose_ma(
+            self.k_dose, self.target_dose_kgy, speed_m_min, self.scan_width_cm, weight_sum
+        )
 
     def check_against(self, geometry: Geometry, accelerator: RegisterMap | None = None) -> None:
         """Cross-check with the line: the current range must reach the target dose somewhere
@@ -623,11 +671,12 @@ class Recipe(_Strict):
 
     def max_speed_m_min(self, weight_sum: float) -> float:
         """Fastest speed at which full recipe current still gives the target dose."""
-        v = (
-            self.k_dose
-            * weight_sum
-            * self.beam_current_max_ma
-            / (self.scan_width_cm * self.target_dose_kgy)
+        v = dose.speed_for_dose_m_min(
+            self.k_dose,
+            self.target_dose_kgy,
+            self.beam_current_max_ma,
+            self.scan_width_cm,
+            weight_sum,
         )
         return min(v, self.speed_max_m_min)
 
@@ -683,10 +732,48 @@ def _parse_env_value(text: str) -> Any:
         return text
 
 
+def _is_text(annotation: Any) -> bool:
+    """Whether a field of this type holds text only: str, a Literal of strings, or one of
+    those or None."""
+    if annotation is str:
+        return True
+    if get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in get_args(annotation))
+    if get_origin(annotation) in (Union, UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return bool(args) and all(_is_text(a) for a in args)
+    return False
+
+
+def _field_type(model: type[BaseModel], keys: list[str]) -> Any:
+    """The declared type of the line.toml key at `keys`, or None when it is not a key."""
+    node: Any = model
+    for key in keys:
+        if get_origin(node) in (Union, UnionType):
+            # Optional sections (`tls`): the section's own type.
+            inner = [a for a in get_args(node) if a is not type(None)]
+            if len(inner) != 1:
+                return None
+            node = inner[0]
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            info = node.model_fields.get(key)
+            if info is None:
+                return None
+            node = info.annotation
+        elif get_origin(node) is dict:
+            node = get_args(node)[1]
+        else:
+            return None
+    return node
+
+
 def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
     """Apply `LINECTL_<KEY>[__<KEY>...]=value` overrides to line.toml data in place.
 
     Keys are lower-cased; `__` separates nesting levels (LINECTL_ACCELERATOR__HOST=10.0.0.5).
+    A value is read by the type of its key, as pydantic-settings does: a text key (a host,
+    a user name, a password) takes the value exactly as it is, so `123456` or `true` stays
+    that text; any other key takes TOML syntax (`6000`, `0.02`, `true`, `[0.5, 1.0]`).
     Returns the dotted keys that were overridden. `LINECTL_CONFIG_DIR` is not an override.
     """
     applied = []
@@ -694,13 +781,21 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> lis
         if not name.startswith(ENV_PREFIX) or name == "LINECTL_CONFIG_DIR":
             continue
         keys = name[len(ENV_PREFIX) :].lower().split("__")
+        if _BAD_ENV_CHARS_RE.search(text):
+            # A non-UTF-8 byte arrives as a lone surrogate, which no file or record can
+            # hold. The value is never shown: it may be a password.
+            raise ConfigError(
+                f"environment {name}: the value holds a control character or a byte that "
+                "is not UTF-8"
+            )
         node = data
         for key in keys[:-1]:
             child = node.setdefault(key, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"environment {name}: {key!r} is not a section")
             node = child
-        node[keys[-1]] = _parse_env_value(text)
+        text_key = _is_text(_field_type(LineConfig, keys))
+        node[keys[-1]] = text if text_key else _parse_env_value(text)
         applied.append(".".join(keys))
     return applied
 
@@ -839,7 +934,33 @@ def load_config(directory: Path | str, environ: Mapping[str, str] | None = None)
             f"{line_path}: accelerator and conveyor point at the same PLC "
             f"{e_acc.host}:{e_acc.port} unit {e_acc.unit_id}"
         )
+    faults = _settings_out_of_map(line, acc, cnv)
+    if faults:
+        raise ConfigError(f"{line_path}: " + "; ".join(faults))
     return LoadedConfig(directory, line, acc, cnv, overrides)
+
+
+def _settings_out_of_map(line: LineConfig, acc: RegisterMap, cnv: RegisterMap) -> list[str]:
+    """The settings linectl writes at every connect, checked against the maps' ranges: a
+    PLC that refuses one cannot be run (the link treats it as lost), so say it here."""
+    wanted = (
+        ("watchdog_timeout_ms", acc, "watchdog_timeout", line.watchdog_timeout_ms),
+        ("watchdog_timeout_ms", cnv, "watchdog_timeout", line.watchdog_timeout_ms),
+        ("control.line_ramp_m_min_s", cnv, "ramp_rate", line.control.line_ramp_m_min_s),
+    )
+    faults = []
+    for key, rmap, name, value in wanted:
+        if name not in rmap.fields:
+            continue
+        f = rmap.field(name)
+        if (f.min is not None and value < f.min) or (f.max is not None and value > f.max):
+            faults.append(
+                f"{key} = {value:g} is outside the {rmap.plc} map's {name} range "
+                f"{f.min:g}..{f.max:g} {f.unit}".rstrip()
+                if f.min is not None and f.max is not None
+                else f"{key} = {value:g} is outside the {rmap.plc} map's {name} range"
+            )
+    return faults
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

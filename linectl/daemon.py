@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +19,14 @@ from typing import Any, Protocol, TextIO
 import aiomqtt
 
 from linectl.aio import stop_task
-from linectl.commands import CommandError, parse_command
+from linectl.commands import CommandError, check_value, parse_command
 from linectl.config import default_config_dir, load_config
 from linectl.errors import LocalError
 from linectl.metrics import LineMetrics
 from linectl.mqtt import MqttBridge
-from linectl.service import LineService, ReelRequest, select_recipe
+from linectl.service import STOP_LOCK_WAIT_S, LineService, ReelRequest, select_recipe
 from linectl.sparkplug.adapter import SparkplugEdge
-from linectl.store import RecordStore
+from linectl.store import RecordStore, check_database, limit_lock_waits
 
 log = logging.getLogger("linectl.daemon")
 
@@ -67,24 +68,48 @@ def add_run_parser(commands: Any) -> None:
     p.set_defaults(handler=run_command, log_info_by_default=True)
 
 
-def run_command(args: argparse.Namespace, out: TextIO) -> int:
-    """Handler of `linectl run`."""
-    cfg = load_config(args.config or default_config_dir())
+def _check_run_args(args: argparse.Namespace) -> None:
+    """What `run` is given, checked as the MQTT path checks a start_reel (the reel id, the
+    length, the operator, the recipe name), before anything is loaded or started:
+    LocalError (exit 2) names the option. A byte of argv that is not UTF-8 arrives as a
+    lone surrogate, which no record can hold (it once made every store write fail)."""
     if args.reel and args.length is None:
         raise LocalError("--reel needs --length (planned reel length, m)")
-    if args.length is not None and args.length <= 0:
-        raise LocalError(f"--length must be positive, not {args.length}")
+    if args.length is not None and not (math.isfinite(args.length) and args.length > 0):
+        raise LocalError(f"--length must be a positive number of metres, not {args.length}")
     if args.reel and args.resume:
         raise LocalError("give --reel for a new reel or --resume for an unfinished one, not both")
-    if args.reel:
-        # The checks an MQTT start_reel gets (id, length, operator), before anything runs.
-        start: dict[str, object] = {"reel_id": args.reel, "length_m": args.length}
-        if args.operator:
-            start["operator"] = args.operator
-        try:
+    try:
+        if args.reel:
+            # The checks an MQTT start_reel gets (id, length, operator), all at once.
+            start: dict[str, object] = {"reel_id": args.reel, "length_m": args.length}
+            if args.operator:
+                start["operator"] = args.operator
             parse_command(json.dumps(start), name="start_reel", sender="linectl-run", source="cli")
+    except CommandError as exc:
+        raise LocalError(f"--reel/--length/--operator: {exc}") from None
+    try:
+        if args.operator:  # also with --resume, where it names who resumed the reel
+            check_value("operator", args.operator)
+    except CommandError as exc:
+        raise LocalError(f"--operator: {exc}") from None
+    if args.recipe is not None:
+        # A bare name is a file stem in recipes_dir, as select_recipe over MQTT takes it;
+        # a path is the local operator's choice, but its name goes into the records too.
+        bare = Path(args.recipe).suffix != ".toml" and len(Path(args.recipe).parts) <= 1
+        try:
+            check_value("recipe", args.recipe, pattern=bare)
         except CommandError as exc:
-            raise LocalError(f"--reel/--length/--operator: {exc}") from None
+            raise LocalError(f"--recipe: {exc}") from None
+
+
+def run_command(args: argparse.Namespace, out: TextIO) -> int:
+    """Handler of `linectl run`."""
+    _check_run_args(args)
+    cfg = load_config(args.config or default_config_dir())
+    # A damaged or foreign database file stops the start here, naming the file (exit 2),
+    # before the metrics endpoint, the PLC links or the broker are touched.
+    check_database(args.db or cfg.resolve(cfg.line.records.path))
     recipe, recipe_path = select_recipe(cfg, args.recipe)
     service = LineService(cfg, recipe, recipe_path, store_path=args.db)
     if args.reset_faults:
@@ -228,10 +253,19 @@ async def run_with_bridge(
             server.close()
 
 
+def _on_stop_signal(service: LineService) -> None:
+    """SIGTERM or SIGINT: stop the line safely. A record database that another process
+    keeps locked must not hold the exit up (each waiting write used to take 10 s): from
+    now on a write waits for it at most STOP_LOCK_WAIT_S, and what could not be written is
+    logged as NOT STORED (linectl.store)."""
+    limit_lock_waits(STOP_LOCK_WAIT_S)
+    service.stop()
+
+
 async def _run(service: LineService, *, exit_when_done: bool) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, service.stop)
+        loop.add_signal_handler(sig, _on_stop_signal, service)
     try:
         await run_with_bridge(service, exit_when_done=exit_when_done)
     finally:

@@ -12,8 +12,9 @@ record store's outbox; what a command means is linectl.commands and the line's
 - Records are read from the store's outbox on the bridge's own connection and published
   QoS 1 in order; the cursor moves only past what the broker has acknowledged.
 
-aiomqtt does not reconnect by itself: `run()` loops on MqttError with a capped backoff,
-with a new client (and a new will) per connection.
+The connection (client, TLS, reconnect back-off, the command subscription) is made by
+linectl.broker, as for the Sparkplug edge node and the CLI client: `run()` reconnects
+after any loss, with a new client (and a new will) per connection.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,8 +33,28 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from linectl.aio import cancellable, entered, task_group, wait_event
-from linectl.commands import Command, CommandError, CommandResult, nak, parse_command
+from linectl.aio import cancellable, entered, task_group, unix_ms
+from linectl.broker import (
+    Backoff,
+    BrokerSettings,
+    ClientFactory,
+    make_client,
+    protocol_version,
+    reconnect_loop,
+    subscribe_commands,
+)
+from linectl.commands import (
+    Command,
+    CommandError,
+    CommandInbox,
+    CommandResult,
+    RefusalTally,
+    authorize_sender,
+    bounded,
+    nak,
+    parse_command,
+    request_id_of,
+)
 from linectl.config import MqttConfig
 from linectl.store import OutboxRow, RecordStore
 from linectl.telemetry import (
@@ -62,11 +82,6 @@ PRUNE_EVERY_S = 600.0
 """How often a long session prunes the outbox of rows every consumer has passed."""
 
 
-def unix_ms() -> int:
-    """Wall-clock time now, unix milliseconds."""
-    return time.time_ns() // 1_000_000
-
-
 class LineEndpoint(Protocol):
     """What the bridge needs from a line (linectl.service.LineService provides it)."""
 
@@ -90,6 +105,10 @@ class LineEndpoint(Protocol):
         self, sender: str, command: str, reason: str, detail: Mapping[str, Any] | None = None
     ) -> None:
         """Audit a command that did not parse."""
+        ...
+
+    def audit_refusals(self, summary: Mapping[str, Any]) -> None:
+        """Audit the commands refused unread in one window, as one row on no reel."""
         ...
 
 
@@ -156,9 +175,6 @@ class _Stopped(Exception):  # noqa: N818 - a signal inside the task group, not a
     """Raised inside a session's task group when stop() was called."""
 
 
-ClientFactory = Callable[..., aiomqtt.Client]
-
-
 class MqttBridge:
     """One line's MQTT connection. `run()` until `stop()`; `on_cycle` is the observer."""
 
@@ -174,11 +190,15 @@ class MqttBridge:
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = unix_ms,
         client_factory: ClientFactory = aiomqtt.Client,
-        protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V5,
+        protocol: aiomqtt.ProtocolVersion | None = None,
         poll_s: float = 0.2,
         backoff_min_s: float = 0.1,
         flush_s: float = 2.0,
         batch: int = 200,
+        answers_per_sender: int = 256,
+        per_sender_queue: int = 8,
+        max_command_senders: int = 64,
+        refusal_window_s: float = 10.0,
     ) -> None:
         self.line = line
         self.cfg = cfg
@@ -190,9 +210,12 @@ class MqttBridge:
         self.clock = clock
         self.wall_ms = wall_ms
         self.client_factory = client_factory
-        self.protocol = protocol
-        """MQTT 5 by default (response topic, correlation data); 3.1.1 for old brokers,
-        whose clients get their answers on the fallback response topic."""
+        self.protocol = protocol_version(cfg.protocol if protocol is None else protocol)
+        """MQTT 5 by default (`[mqtt] protocol`; retain-as-published on the command topics,
+        correlation data); 3.1.1 for old brokers."""
+        self.settings = BrokerSettings.from_config(
+            cfg, client_id=cfg.client_id or f"linectl-{line_id}", resolve=resolve_path
+        )
         self.poll_s = poll_s
         self.backoff_min_s = backoff_min_s
         self.flush_s = flush_s
@@ -208,7 +231,14 @@ class MqttBridge:
         self._stopping = asyncio.Event()
         self._store: RecordStore | None = None
         self._acked_seq: int | None = None  # acknowledged, not yet written to the cursor
-        self._answers: OrderedDict[tuple[str, str], CommandResult] = OrderedDict()
+        self._answers: dict[str, OrderedDict[str, CommandResult]] = {}
+        """Answers by sender, then request id (bounded per sender): the dedupe cache.
+        Only senders that may send commands get here, and those are configured."""
+        self.answers_per_sender = answers_per_sender
+        self.per_sender_queue = per_sender_queue
+        self.max_command_senders = max_command_senders
+        self.refusals = RefusalTally(window_s=refusal_window_s)
+        """Commands refused unread (no role, empty topic level, queue full)."""
         self._cycle_error_logged = False
         self._session_ms = 0
         self.connected = asyncio.Event()
@@ -253,27 +283,29 @@ class MqttBridge:
 
     async def run(self) -> None:
         """Connect, serve, and reconnect after any loss, until stop()."""
-        backoff_s = self.backoff_min_s
+        backoff = Backoff(self.cfg.reconnect_max_s, self.backoff_min_s)
         try:
-            while not self._stopping.is_set():
-                try:
-                    await self._connect_and_serve()
-                    backoff_s = self.backoff_min_s
-                except (aiomqtt.MqttError, ExceptionGroup) as exc:
-                    if isinstance(exc, ExceptionGroup) and not exc.subgroup(aiomqtt.MqttError):
-                        log.exception("MQTT session failed; reconnecting")
-                    self._lost(_describe(exc))
-                except Exception as exc:  # a bug in a session must not stop the line
-                    log.exception("MQTT session failed; reconnecting")
-                    self._lost(repr(exc))
-                if self._stopping.is_set():
-                    break
-                await wait_event(self._stopping, backoff_s)
-                backoff_s = min(backoff_s * 2, self.cfg.reconnect_max_s)
+            # Any failure of a session reconnects: a bug in one must not stop the line.
+            await reconnect_loop(
+                self._connect_and_serve,
+                backoff,
+                stop=self._stopping,
+                retry=(Exception,),
+                on_error=self._failed,
+            )
         finally:
             store, self._store = self._store, None
             if store is not None:
                 await asyncio.to_thread(store.close)
+
+    def _failed(self, exc: Exception) -> None:
+        if isinstance(exc, aiomqtt.MqttError) or (
+            isinstance(exc, ExceptionGroup) and exc.subgroup(aiomqtt.MqttError)
+        ):
+            self._lost(_describe(exc))
+        else:
+            log.error("MQTT session failed; reconnecting", exc_info=exc)
+            self._lost(_describe(exc) if isinstance(exc, ExceptionGroup) else repr(exc))
 
     def _lost(self, why: str) -> None:
         if self.stats.connected or why != self.stats.last_error:
@@ -294,47 +326,28 @@ class MqttBridge:
             qos=1,
             retain=True,
         )
-        tls: aiomqtt.TLSParameters | None = None
-        if cfg.tls is not None:
-            t = cfg.tls
-
-            def path(p: str | None) -> str | None:
-                return None if p is None else str(self.resolve_path(p))
-
-            tls = aiomqtt.TLSParameters(
-                ca_certs=path(t.ca_file), certfile=path(t.cert_file), keyfile=path(t.key_file)
-            )
         self._session_ms = session_ms
-        client = self.client_factory(
-            cfg.host,
-            cfg.port,
-            username=cfg.username,
-            password=cfg.password,
-            identifier=cfg.client_id or f"linectl-{self.line_id}",
+        return make_client(
+            self.settings,
             protocol=self.protocol,
             will=will,
-            keepalive=cfg.keepalive_s,
-            timeout=max(5.0, float(cfg.keepalive_s)),
-            max_inflight_messages=cfg.max_inflight,
-            tls_params=tls,
-            tls_insecure=cfg.tls.insecure if cfg.tls is not None else None,
-            # Small publishes must not wait for Nagle and the peer's delayed ACK (~40 ms on
-            # Linux): without this p99 live latency was 53 ms, with it 19-26 ms (bench).
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            timeout_s=max(5.0, float(cfg.keepalive_s)),
+            max_inflight=cfg.max_inflight,
+            factory=self.client_factory,
         )
-        # aiomqtt warns above 10 pending calls; up to max_inflight is what we ask for.
-        client.pending_calls_threshold = cfg.max_inflight + 10
-        return client
 
-    async def _connect_and_serve(self) -> None:
+    async def _connect_and_serve(self, connected: Callable[[], None]) -> None:
         store = await self._open_store()
         client = self._client()
         async with entered(client):
+            connected()
             self.stats.connected = True
             self.stats.connects += 1
             log.info("MQTT connected to %s:%s", self.cfg.host, self.cfg.port)
             session_seq = await asyncio.to_thread(store.outbox_last_seq)
-            await cancellable(client.subscribe(self.topics.cmd_filter, qos=1))
+            # Retain-as-published (MQTT 5): a retained command is seen as one even when it
+            # is published while we are connected, and refused (`_handle`).
+            await subscribe_commands(client, self.topics.cmd_filter, self.protocol)
             await self._publish(client, self.topics.status, self._status(True), qos=1, retain=True)
             await self._publish(
                 client, self.topics.schema, encode(schema_document()), qos=1, retain=True
@@ -490,14 +503,113 @@ class MqttBridge:
     # ------------------------------------------------------------------ commands
 
     async def _commands(self, client: aiomqtt.Client) -> None:
-        # Ends with MqttError when the connection goes, which ends the session.
-        async for message in client.messages:
-            where = self.topics.parse_cmd(message.topic.value)
-            if where is None:
-                continue
-            self.stats.commands += 1
-            result = await self._handle(message, *where)
-            await self._respond(client, message, where[1], result)
+        """Take commands off the connection as fast as they come, never waiting for the
+        control cycle: a sender with no role (or a topic with an empty level) is
+        refused here and counted (`RefusalTally`); every other command goes to its
+        sender's bounded queue (`CommandInbox`), served round robin, one in flight per
+        sender. A flood from one identity then fills only its own queue and delays no
+        one else's command beyond the next cycle, in bounded memory."""
+        inbox: CommandInbox[tuple[aiomqtt.Message, str]] = CommandInbox(
+            per_sender=self.per_sender_queue, max_senders=self.max_command_senders
+        )
+        wake = asyncio.Event()
+        try:
+            async with task_group() as tg:
+                tg.create_task(self._serve_commands(client, inbox, wake, tg), name="mqtt-cmd-serve")
+                tg.create_task(self._audit_refusals_every_window(), name="mqtt-cmd-tally")
+                async for message in client.messages:
+                    self._receive(client, message, inbox, wake, tg)
+        finally:
+            self._flush_refusals()
+
+    def _receive(
+        self,
+        client: aiomqtt.Client,
+        message: aiomqtt.Message,
+        inbox: CommandInbox[tuple[aiomqtt.Message, str]],
+        wake: asyncio.Event,
+        tg: asyncio.TaskGroup,
+    ) -> None:
+        where = self.topics.parse_cmd_levels(message.topic.value)
+        if where is None:
+            return
+        self.stats.commands += 1
+        name, sender = where
+        now_s = self.clock()
+        if not name or not sender:
+            # Nobody to answer (no response topic for an empty sender): counted, audited
+            # in the window's aggregate.
+            self.refusals.add(sender or "(empty)", "empty topic level", now_s)
+            return
+        reason = authorize_sender(sender, self.cfg)
+        if reason:
+            if self.refusals.add(sender, reason, now_s):
+                result = nak(None, reason, command=bounded(name))
+                tg.create_task(self._answer(client, message, sender, result))
+            return
+        if not inbox.offer(sender, (message, name)):
+            reason = f"too many commands from {bounded(sender)!r} waiting: dropped"
+            if self.refusals.add(sender, "queue full", now_s):
+                result = nak(None, reason, command=bounded(name))
+                tg.create_task(self._answer(client, message, sender, result))
+            return
+        wake.set()
+
+    async def _answer(
+        self, client: aiomqtt.Client, message: aiomqtt.Message, sender: str, result: CommandResult
+    ) -> None:
+        payload = message.payload
+        if isinstance(payload, bytes | str):
+            # Read only to be answered (at most once a second per sender).
+            result = replace(result, request_id=request_id_of(payload))
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._respond(client, message, sender, result)
+
+    async def _serve_commands(
+        self,
+        client: aiomqtt.Client,
+        inbox: CommandInbox[tuple[aiomqtt.Message, str]],
+        wake: asyncio.Event,
+        tg: asyncio.TaskGroup,
+    ) -> None:
+        while True:
+            await wake.wait()
+            wake.clear()
+            for sender, (message, name) in inbox.take():
+                tg.create_task(self._serve_one(client, message, name, sender, (inbox, wake)))
+
+    async def _serve_one(
+        self,
+        client: aiomqtt.Client,
+        message: aiomqtt.Message,
+        name: str,
+        sender: str,
+        queue: tuple[CommandInbox[tuple[aiomqtt.Message, str]], asyncio.Event],
+    ) -> None:
+        inbox, wake = queue
+        try:
+            result = await self._handle(message, name, sender)
+            await self._respond(client, message, sender, result)
+        finally:
+            inbox.done(sender)
+            wake.set()
+
+    async def _audit_refusals_every_window(self) -> None:
+        while True:
+            await asyncio.sleep(self.refusals.window_s / 4)
+            if self.refusals.due(self.clock()):
+                self._flush_refusals()
+
+    def _flush_refusals(self) -> None:
+        summary = self.refusals.flush(self.clock())
+        if summary is not None:
+            log.warning(
+                "commands refused unread in the last %.0f s: %d (senders: %s)",
+                summary["window_s"],
+                summary["refused"],
+                ", ".join(list(summary["by_sender"])[:5]),
+            )
+            self.line.audit_refusals(summary)
 
     async def _handle(self, message: aiomqtt.Message, name: str, sender: str) -> CommandResult:
         payload = message.payload
@@ -506,22 +618,45 @@ class MqttBridge:
             # A retained command would act again at every reconnect.
             reason = "retained commands are refused: publish commands with retain=false"
             self.line.audit_command_error(sender, name, reason, {"source": "mqtt"})
-            return nak(None, reason, command=name)
+            return nak(None, reason, command=bounded(name))
         try:
             cmd = parse_command(raw, name=name, sender=sender, source="mqtt")
         except CommandError as exc:
             self.line.audit_command_error(sender, name, str(exc), {"source": "mqtt"})
-            return nak(None, str(exc), command=name)
-        key = (cmd.sender, cmd.request_id)
-        if cmd.request_id and key in self._answers:
-            # A QoS 1 redelivery or a client's retry: the same answer, not a second action.
-            return self._answers[key]
+            result = nak(None, str(exc), command=bounded(name))
+            return replace(result, request_id=request_id_of(raw))
+        answers = self._answers.setdefault(cmd.sender, OrderedDict())
+        if cmd.request_id:
+            # A QoS 1 redelivery or a client's retry: the same answer, not a second
+            # action; from this run's memory, or from the audit trail after a restart.
+            known = answers.get(cmd.request_id) or await self._answer_on_record(cmd)
+            if known is not None:
+                return known
         result = await self.line.execute(cmd)
         if cmd.request_id:
-            self._answers[key] = result
-            while len(self._answers) > 256:
-                self._answers.popitem(last=False)
+            answers[cmd.request_id] = result
+            while len(answers) > self.answers_per_sender:
+                answers.popitem(last=False)
         return result
+
+    async def _answer_on_record(self, cmd: Command) -> CommandResult | None:
+        """The answer a request got before (this sender, this request id), from the audit
+        trail: a replay after a restart is answered from the record, not executed."""
+        store = self._store
+        if store is None:
+            return None
+        event = await asyncio.to_thread(store.command_on_record, cmd.sender, cmd.request_id)
+        if event is None:
+            return None
+        detail = {k: v for k, v in event.detail.items() if k not in ("source", "request_id")}
+        return CommandResult(
+            event.accepted,
+            event.reason,
+            event.action,
+            cmd.request_id,
+            "",
+            {**detail, "answered_from": f"audit record of {event.t}"},
+        )
 
     async def _respond(
         self, client: aiomqtt.Client, message: aiomqtt.Message, sender: str, result: CommandResult
@@ -533,9 +668,13 @@ class MqttBridge:
         if correlation is not None:
             out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             out.CorrelationData = correlation
+        answer_topic = self.topics.answer_topic(topic, sender)
+        if topic and topic != answer_topic:
+            # Another user's response topic, or one outside the prefix: never honoured.
+            log.debug("command from %s: response topic %r ignored", sender, topic)
         await self._publish(
             client,
-            self.topics.answer_topic(topic, sender),
+            answer_topic,
             encode(result.to_json(self.wall_ms())),
             qos=1,
             retain=False,

@@ -32,16 +32,19 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from linectl.core.ledger import MetreRecord, Verdict
-from linectl.errors import LocalError
+from linectl.errors import LinectlError, LocalError
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("linectl.store")
 
@@ -123,6 +126,84 @@ _MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
 
 OUTBOX_KEEP = 100_000
 """Outbox rows kept after every consumer has passed them (for late diagnosis)."""
+
+
+LOCK_WAIT_S = 10.0
+"""How long a write waits for the database's write lock while another connection (another
+process: a second linectl, an `sqlite3` shell in a transaction) holds it."""
+MIN_LOCK_WAIT_S = 0.5
+"""The least a write waits once `limit_lock_waits` has cut the waits short (at shutdown),
+so that a moment's ordinary contention (the MQTT bridge advancing its cursor) never costs a
+record."""
+_ATTEMPT_S = 0.05
+"""SQLite's own busy wait per attempt; the store retries in its own loop, which
+`limit_lock_waits` can end from another thread."""
+_UNWRITTEN_KEPT = 200
+
+
+class StoreFileError(LocalError):
+    """The database file cannot be used: not an SQLite database, damaged, or not openable.
+    The message names the file."""
+
+
+class StoreLockedError(LinectlError):
+    """A write that could not take the database's write lock in time: another connection
+    holds it. Nothing of that write is stored; the message names the file and the write."""
+
+
+# Every open store of this process: limit_lock_waits() ends their waits (at shutdown).
+_OPEN_STORES: weakref.WeakSet[RecordStore] = weakref.WeakSet()
+_OPEN_LOCK = threading.Lock()
+
+
+def limit_lock_waits(seconds: float) -> None:
+    """From now on, every open store of this process waits for a locked database at most
+    until `seconds` from now (but at least MIN_LOCK_WAIT_S per write), a wait in progress
+    included. `linectl run` calls it on SIGTERM/SIGINT: a database another process keeps
+    locked must not hold up a safe stop (docs/records.md, "A locked database")."""
+    with _OPEN_LOCK:
+        stores = list(_OPEN_STORES)
+    for store in stores:
+        store.limit_lock_waits(seconds)
+
+
+def _primary_code(exc: sqlite3.Error) -> int:
+    return int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return _primary_code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _file_error(path: Path, exc: sqlite3.Error) -> StoreFileError | None:
+    """The error to raise for a database file that cannot be used, or None for others."""
+    code = _primary_code(exc)
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return StoreFileError(
+            f"{path}: not a usable record database ({exc}): the file is damaged or is not "
+            "a linectl database; restore it from a backup (docs/deployment.md) or give "
+            "another --db"
+        )
+    if code == sqlite3.SQLITE_CANTOPEN:
+        return StoreFileError(f"{path}: cannot open the record database ({exc})")
+    if code in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_PERM):
+        return StoreFileError(f"{path}: cannot use the record database ({exc})")
+    if code == sqlite3.SQLITE_READONLY:
+        return StoreFileError(f"{path}: the record database cannot be written ({exc})")
+    return None
+
+
+def check_database(path: Path | str) -> None:
+    """Open the record database at `path` (creating it when missing) and run SQLite's
+    quick check; StoreFileError naming the file when it is damaged or not a database.
+    `linectl run` calls it before anything starts."""
+    with RecordStore(path) as store:
+        result = store.quick_check()
+    if result != "ok":
+        raise StoreFileError(
+            f"{path}: the record database is damaged (quick_check: {result}); restore it "
+            "from a backup (docs/deployment.md) or give another --db"
+        )
 
 
 def utc_now_iso() -> str:
@@ -240,23 +321,40 @@ def _causes_tuple(text: str) -> tuple[str, ...]:
 class RecordStore:
     """The records of one line (or several) in one SQLite file."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, lock_wait_s: float = LOCK_WAIT_S) -> None:
         self.path = Path(path)
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per public write.
-        self._db = sqlite3.connect(
-            str(path), isolation_level=None, check_same_thread=False, timeout=10.0
-        )
+        self.lock_wait_s = lock_wait_s
+        """How long a write waits for the write lock another connection holds."""
+        self._wait_until: float | None = None  # limit_lock_waits (monotonic)
+        # A wait ran out and no write has succeeded since: the lock is held for long. After
+        # limit_lock_waits, later writes then try once instead of waiting each.
+        self._stuck = False
+        self._unwritten: list[str] = []
+        self._unwritten_total = 0
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per public write.
+            # The busy timeout is short: lock waits are the store's own loop (_retry).
+            self._db = sqlite3.connect(
+                str(path), isolation_level=None, check_same_thread=False, timeout=_ATTEMPT_S
+            )
+        except sqlite3.Error as exc:
+            raise (_file_error(self.path, exc) or exc) from None
         try:
             self._use_wal()
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise (_file_error(self.path, exc) or exc) from None
         except BaseException:
             self._db.close()
             raise
+        with _OPEN_LOCK:
+            _OPEN_STORES.add(self)
 
     def _use_wal(self, timeout_s: float = 10.0) -> None:
         # Two connections opening a new file at once (the service's writer and the MQTT
@@ -277,9 +375,38 @@ class RecordStore:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Close the connection (a checkpoint folds the WAL into the database)."""
+        """Close the connection (a checkpoint folds the WAL into the database). Writes that
+        could not be made for a locked database are listed in the log, loudly."""
+        with _OPEN_LOCK:
+            _OPEN_STORES.discard(self)
         with self._lock:
             self._db.close()
+            unwritten, total = self._unwritten, self._unwritten_total
+            self._unwritten, self._unwritten_total = [], 0
+        if total:
+            more = f" (and {total - len(unwritten)} more)" if total > len(unwritten) else ""
+            log.error(
+                "%s: %d record write(s) NOT STORED, the database was locked by another "
+                "connection: %s%s. A restarted `linectl run --resume` takes the reel up from "
+                "its last stored checkpoint and records the metres since from the PLCs' "
+                "counters as a data gap; the audit events and alarm changes listed are lost",
+                self.path,
+                total,
+                "; ".join(unwritten),
+                more,
+            )
+
+    @property
+    def unwritten(self) -> int:
+        """How many writes failed on a locked database since the store was opened."""
+        return self._unwritten_total
+
+    def limit_lock_waits(self, seconds: float) -> None:
+        """Wait for a locked database at most until `seconds` from now (at least
+        MIN_LOCK_WAIT_S per write), a wait in progress included; thread-safe."""
+        until = time.monotonic() + max(0.0, seconds)
+        current = self._wait_until
+        self._wait_until = until if current is None else min(current, until)
 
     def __enter__(self) -> RecordStore:
         return self
@@ -292,22 +419,73 @@ class RecordStore:
     ) -> None:
         self.close()
 
+    def _deadline(self, start: float) -> float:
+        deadline = start + self.lock_wait_s
+        if self._wait_until is None:
+            # Running: every write waits its full time. The writes behind it wait in the
+            # caller's queue, in order, and go in when the lock is released.
+            return deadline
+        if self._stuck:
+            return start  # shutting down, and the lock is held for long: one attempt
+        return min(deadline, max(self._wait_until, start + MIN_LOCK_WAIT_S))
+
+    def _retry(self, attempt: Callable[[], _T], what: Callable[[], str] | None) -> _T:
+        """Run `attempt` until the database is not busy (another connection holds the
+        lock), up to the deadline; then StoreLockedError naming `what` (a write; None: a
+        read). Call with self._lock held."""
+        start = time.monotonic()
+        while True:
+            try:
+                result = attempt()
+            except sqlite3.Error as exc:
+                if not _is_busy(exc):
+                    raise (_file_error(self.path, exc) or exc) from None
+                if time.monotonic() < self._deadline(start):
+                    continue  # each attempt waits up to _ATTEMPT_S in SQLite
+                waited = time.monotonic() - start
+                if what is None:
+                    raise StoreLockedError(
+                        f"{self.path}: the database is locked by another connection "
+                        f"(waited {waited:.1f} s)"
+                    ) from None
+                self._stuck = True
+                text = what()
+                self._unwritten_total += 1
+                if len(self._unwritten) < _UNWRITTEN_KEPT:
+                    self._unwritten.append(text)
+                raise StoreLockedError(
+                    f"{self.path}: {text} NOT STORED: the database is locked by another "
+                    f"connection (waited {waited:.1f} s)"
+                ) from None
+            if what is not None:
+                self._stuck = False
+            return result
+
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, what: Callable[[], str] = lambda: "a write") -> Iterator[sqlite3.Connection]:
         """One write transaction, taken at once (IMMEDIATE) so it cannot fail half way on
-        a lock upgrade; rolled back on any error."""
+        a lock upgrade; rolled back on any error. `what` says what it writes, for the
+        error when the database stays locked."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._retry(lambda: self._db.execute("BEGIN IMMEDIATE"), what)
             try:
                 yield self._db
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise (_file_error(self.path, exc) or exc) from None
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise (_file_error(self.path, exc) or exc) from None
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
-            return self._db.execute(sql, params).fetchall()
+            return self._retry(lambda: self._db.execute(sql, params).fetchall(), None)
 
     def _migrate(self) -> None:
         """Bring the schema to SCHEMA_VERSION, one step per transaction."""
@@ -321,7 +499,7 @@ class RecordStore:
                 f"understands ({SCHEMA_VERSION})"
             )
         while version < SCHEMA_VERSION:
-            db.execute("BEGIN IMMEDIATE")
+            self._retry(lambda: db.execute("BEGIN IMMEDIATE"), lambda: "the schema upgrade")
             try:
                 # Another connection (the publisher's, another process) may have migrated
                 # while we waited for the write lock: read the version again under it.
@@ -349,11 +527,15 @@ class RecordStore:
         """SQLite's own check: 'ok' when the file is sound."""
         return str(self._query("PRAGMA integrity_check")[0][0])
 
+    def quick_check(self) -> str:
+        """SQLite's quick check (pages and structure, not index contents): 'ok' when sound."""
+        return "; ".join(str(r[0]) for r in self._query("PRAGMA quick_check(5)"))
+
     # ------------------------------------------------------------------ reels
 
     def open_reel(self, reel: ReelInfo) -> None:
         """Record the start of a reel; LocalError if the reel id exists already."""
-        with self._tx() as db:
+        with self._tx(lambda: f"the start of reel {reel.reel_id}") as db:
             if db.execute("SELECT 1 FROM reels WHERE reel_id = ?", (reel.reel_id,)).fetchone():
                 raise LocalError(f"reel {reel.reel_id!r} exists already: a reel id is used once")
             db.execute(
@@ -454,7 +636,7 @@ class RecordStore:
 
     def close_reel(self, reel_id: str, ended_at: str, reason: str) -> None:
         """Record the end of a reel; LocalError if unknown or closed already."""
-        with self._tx() as db:
+        with self._tx(lambda: f"the end of reel {reel_id} ({reason})") as db:
             self._require_open(db, reel_id)
             db.execute(
                 "UPDATE reels SET state = 'closed', ended_at = ?, end_reason = ? WHERE reel_id = ?",
@@ -502,7 +684,7 @@ class RecordStore:
         inserted = 0
         conflicts: list[int] = []
         new: list[dict[str, Any]] = []
-        with self._tx() as db:
+        with self._tx(lambda: _metres_what(reel_id, records, state)) as db:
             self._require_open(db, reel_id)
             for rec in records:
                 row = (
@@ -567,7 +749,9 @@ class RecordStore:
         were new. Metres already stored keep their record."""
         if first_idx < 0 or last_idx < first_idx:
             raise LocalError(f"bad metre range {first_idx}..{last_idx}")
-        with self._tx() as db:
+        with self._tx(
+            lambda: f"unproven metres {first_idx}..{last_idx} of reel {reel_id} ({cause})"
+        ) as db:
             self._require_open(db, reel_id)
             stored = {
                 int(r[0])
@@ -618,7 +802,7 @@ class RecordStore:
         self, kind: str, message: str, raised_at: str, reel_id: str | None = None
     ) -> int:
         """Record a new alarm; return its id."""
-        with self._tx() as db:
+        with self._tx(lambda: f"alarm {kind} raised at {raised_at}") as db:
             cur = db.execute(
                 "INSERT INTO alarms (reel_id, kind, message, raised_at) VALUES (?, ?, ?, ?)",
                 (reel_id, kind, message, raised_at),
@@ -641,14 +825,14 @@ class RecordStore:
 
     def ack_alarm(self, alarm_id: int, by: str, at: str) -> None:
         """Acknowledge an alarm; a second acknowledgement keeps the first one's time."""
-        with self._tx() as db:
+        with self._tx(lambda: f"the acknowledgement of alarm {alarm_id} by {by}") as db:
             self._require_alarm(db, alarm_id)
             self._ack(db, alarm_id, by, at)
 
     def ack_alarms(self, kind: str, by: str, at: str) -> list[int]:
         """Acknowledge every unacknowledged alarm of `kind` ("*": of any kind); return
         their ids (empty when there was none)."""
-        with self._tx() as db:
+        with self._tx(lambda: f"the acknowledgement of {kind} alarms by {by}") as db:
             if kind == "*":
                 rows = db.execute("SELECT id FROM alarms WHERE acknowledged_at IS NULL")
             else:
@@ -672,14 +856,14 @@ class RecordStore:
 
     def clear_alarm(self, alarm_id: int, at: str) -> None:
         """Record that an alarm's condition has gone; clearing twice keeps the first time."""
-        with self._tx() as db:
+        with self._tx(lambda: f"the clearing of alarm {alarm_id}") as db:
             self._require_alarm(db, alarm_id)
             self._clear(db, alarm_id, at)
 
     def clear_alarms_except(self, active_kinds: Sequence[str], at: str) -> list[int]:
         """Clear every uncleared alarm whose kind is not in `active_kinds` (the controller
         no longer holds it); return their ids."""
-        with self._tx() as db:
+        with self._tx(lambda: f"the clearing of alarms gone at {at}") as db:
             rows = db.execute("SELECT id, kind FROM alarms WHERE cleared_at IS NULL").fetchall()
             ids = [int(r[0]) for r in rows if r[1] not in set(active_kinds)]
             for alarm_id in ids:
@@ -737,7 +921,7 @@ class RecordStore:
         reel_id: str | None = None,
     ) -> int:
         """Record an operator action or command, accepted or refused; return its id."""
-        with self._tx() as db:
+        with self._tx(lambda: f"audit event {action} by {actor} at {t}") as db:
             cur = db.execute(
                 "INSERT INTO events (t, reel_id, actor, action, detail, accepted, reason) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -783,12 +967,32 @@ class RecordStore:
             for r in rows
         ]
 
+    def command_on_record(self, sender: str, request_id: str) -> AuditEvent | None:
+        """The audit record of `sender`'s command with this request id (the last, if a
+        client reused one), or None: a request replayed after a restart is answered
+        from it, not executed again."""
+        if not request_id:
+            return None
+        cols = "id, t, reel_id, actor, action, detail, accepted, reason"
+        rows = self._query(
+            f"SELECT {cols} FROM events WHERE actor = ? "
+            "AND json_extract(detail, '$.request_id') = ? ORDER BY id DESC LIMIT 1",
+            (sender, request_id),
+        )
+        return next(
+            (
+                AuditEvent(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), bool(r[6]), r[7])
+                for r in rows
+            ),
+            None,
+        )
+
     # ------------------------------------------------------------------ controller state
 
     def save_state(self, reel_id: str, key: str, value: Mapping[str, Any]) -> None:
         """Store (replace) a piece of controller state for the reel, e.g. its ledger
         checkpoint. Save it in the same order as the metres it accounts for: after them."""
-        with self._tx() as db:
+        with self._tx(lambda: f"the {key} checkpoint of reel {reel_id}") as db:
             if db.execute("SELECT 1 FROM reels WHERE reel_id = ?", (reel_id,)).fetchone() is None:
                 raise LocalError(f"no reel {reel_id!r}")
             self._put_state(db, reel_id, key, value)
@@ -849,7 +1053,7 @@ class RecordStore:
         never moves back; LocalError for a sequence number never written."""
         if seq < 0:
             raise LocalError(f"outbox cursor {seq} is negative")
-        with self._tx() as db:
+        with self._tx(lambda: f"the outbox cursor of {consumer}") as db:
             last = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
             if seq > (int(last[0]) if last else 0):
                 raise LocalError(f"outbox cursor {seq} is past the newest row")
@@ -862,7 +1066,7 @@ class RecordStore:
     def prune_outbox(self, keep: int = OUTBOX_KEEP) -> int:
         """Delete outbox rows every known consumer has passed, but the newest `keep` of
         those; return how many. Without any consumer nothing is deleted."""
-        with self._tx() as db:
+        with self._tx(lambda: "the outbox pruning") as db:
             low = db.execute("SELECT MIN(seq) FROM outbox_cursor").fetchone()[0]
             if low is None:
                 return 0
@@ -980,6 +1184,17 @@ def _reel_summary(db: sqlite3.Connection, reel_id: str) -> dict[str, Any]:
         "ended_at": info[1],
         "planned_length_m": info[2],
     }
+
+
+def _metres_what(
+    reel_id: str, records: Sequence[MetreRecord], state: Mapping[str, Any] | None
+) -> str:
+    parts = []
+    if records:
+        parts.append(f"metres {_ranges_text(sorted(r.index for r in records))} of reel {reel_id}")
+    if state:
+        parts.append(f"the {', '.join(state)} checkpoint of reel {reel_id}")
+    return " and ".join(parts)
 
 
 def _ranges_text(indices: Sequence[int]) -> str:

@@ -86,7 +86,7 @@ TOPIC_SPECS: Final[tuple[TopicSpec, ...]] = (
     TopicSpec("records/alarm", 1, False, "alarm", "alarm raised, acknowledged, cleared"),
     TopicSpec("records/audit", 1, False, "audit", "every command and operator action"),
     TopicSpec("cmd/<command>/<sender>", 1, False, "command", "commands to the line"),
-    TopicSpec("response/<sender>", 1, False, "response", "answers (no MQTT 5 response topic)"),
+    TopicSpec("response/<sender>", 1, False, "response", "answers to the sender's commands"),
 )
 
 
@@ -146,27 +146,31 @@ class Topics:
         return f"{self.base}/cmd/+/+"
 
     def response(self, sender: str) -> str:
-        """Fallback response topic for clients that give no MQTT 5 response topic."""
+        """Where `sender`'s commands are answered (the only place: `answer_topic`)."""
         return f"{self.base}/response/{sender}"
 
     def answer_topic(self, requested: str | None, sender: str) -> str:
-        """Where to answer a command: the requester's MQTT 5 response topic, unless it
-        lies in a namespace SCADA trusts linectl for (any line's topics under our
-        prefix, except the response topics; Sparkplug; `$` system topics) or is not a
-        plain topic name. Else a client that may send commands could make linectl
-        publish onto its own record and state topics."""
-        fallback = self.response(sender)
-        if not requested:
-            return fallback
-        prefix = self.base.rsplit("/", 1)[0]
-        ours = requested == prefix or requested.startswith(prefix + "/")
-        if ours and not requested.startswith(f"{self.base}/response/"):
-            return fallback
-        if requested.startswith(("spBv1.0/", "$")) or requested == "spBv1.0":
-            return fallback
-        if any(c in requested for c in "+#\x00") or len(requested.encode()) > 1024:
-            return fallback
-        return requested
+        """Where to answer `sender`'s command: its own response topic, `response/<sender>`,
+        always. An MQTT 5 *Response Topic* on the command is honoured only when it is that
+        same topic; any other (another sender's `response/<user>`, a topic outside the
+        prefix, linectl's own state or record topics, Sparkplug, `$` topics) is ignored,
+        and the answer goes to the sender's own topic. Else a client that may send
+        commands could aim linectl's answers at another user, or make linectl publish
+        wherever linectl's broker user may write (docs/security.md)."""
+        del requested  # honoured only when it is the sender's own topic: the same string
+        return self.response(sender)
+
+    def parse_cmd_levels(self, topic: str) -> tuple[str, str] | None:
+        """(command, sender) of a topic the command subscription delivers, either level
+        possibly empty (MQTT allows empty levels; such a command is refused, audited);
+        None for any other topic."""
+        head = f"{self.base}/cmd/"
+        if not topic.startswith(head):
+            return None
+        parts = topic[len(head) :].split("/")
+        if len(parts) != 2:
+            return None
+        return parts[0], parts[1]
 
     def parse_cmd(self, topic: str) -> tuple[str, str] | None:
         """(command, sender) of a command topic, None for any other topic."""
@@ -312,9 +316,55 @@ def record_payload(
 # ---------------------------------------------------------------------- report by exception
 
 
+ReportValue = float | int | bool | str | None
+"""A value reported by exception (live values; Sparkplug metrics may also be text)."""
+
+
+def report_due(
+    last: tuple[ReportValue, Quality, float] | None,
+    value: ReportValue,
+    quality: Quality,
+    now_s: float,
+    *,
+    deadband: float = 0.0,
+    min_interval_s: float = 0.0,
+    max_age_s: float = math.inf,
+) -> bool:
+    """Report by exception, the one rule (the MQTT live values and the Sparkplug node).
+
+    `last` is (value, quality, time) of the last report, None if there was none. A value
+    is reported when it is the first, when its quality changed (at once), or, at least
+    `min_interval_s` after the last report, when the last report is `max_age_s` old or
+    the value moved by more than `deadband` (any change when it is 0). A change between
+    a number, NaN and None (unknown) is a change; NaN to NaN is none.
+    """
+    if last is None:
+        return True
+    old, old_quality, sent_s = last
+    if old_quality is not quality:
+        return True
+    age_s = now_s - sent_s
+    if age_s < min_interval_s:
+        return False
+    if age_s >= max_age_s:
+        return True
+    return _moved(old, value, deadband)
+
+
+def _moved(old: ReportValue, new: ReportValue, band: float) -> bool:
+    if old is None or new is None or isinstance(old, bool | str) or isinstance(new, bool | str):
+        return old != new
+    old_nan, new_nan = math.isnan(old), math.isnan(new)
+    if old_nan or new_nan:
+        return old_nan != new_nan
+    if band <= 0:
+        return old != new
+    return abs(new - old) > band
+
+
 @dataclass
 class ReportFilter:
-    """Report by exception for live values.
+    """Report by exception for live values (`report_due`, by value name).
 
     A value is published when it is new, when its quality changes, when it moved by more
     than its deadband since it was last published (any change when it has none), or when
@@ -325,41 +375,26 @@ class ReportFilter:
     deadbands: Mapping[str, float] = field(default_factory=dict)
     max_age_s: float = 5.0
     min_interval_s: float = 0.1
-    _sent: dict[str, tuple[float | int | bool | None, Quality, float]] = field(default_factory=dict)
+    _sent: dict[str, tuple[ReportValue, Quality, float]] = field(default_factory=dict)
 
     def offer(self, v: LiveValue, now_s: float) -> bool:
         """Whether to publish `v` now; if so it counts as published at `now_s`."""
-        last = self._sent.get(v.name)
-        if last is None or last[1] is not v.quality or self._due(v, last, now_s):
+        due = report_due(
+            self._sent.get(v.name),
+            v.value,
+            v.quality,
+            now_s,
+            deadband=self.deadbands.get(v.name, 0.0),
+            min_interval_s=self.min_interval_s,
+            max_age_s=self.max_age_s,
+        )
+        if due:
             self._sent[v.name] = (v.value, v.quality, now_s)
-            return True
-        return False
-
-    def _due(
-        self, v: LiveValue, last: tuple[float | int | bool | None, Quality, float], now_s: float
-    ) -> bool:
-        old, _, sent_s = last
-        age_s = now_s - sent_s
-        if age_s < self.min_interval_s:
-            return False
-        if age_s >= self.max_age_s:
-            return True
-        return _moved(old, v.value, self.deadbands.get(v.name, 0.0))
+        return due
 
     def forget(self) -> None:
         """Publish everything afresh (after a reconnect: retained values may be gone)."""
         self._sent.clear()
-
-
-def _moved(old: float | int | bool | None, new: float | int | bool | None, band: float) -> bool:
-    if old is None or new is None or isinstance(old, bool) or isinstance(new, bool):
-        return old != new
-    old_nan, new_nan = math.isnan(old), math.isnan(new)
-    if old_nan or new_nan:
-        return old_nan != new_nan
-    if band <= 0:
-        return old != new
-    return abs(new - old) > band
 
 
 # ---------------------------------------------------------------------- JSON Schema
@@ -583,6 +618,7 @@ __all__ = [
     "LiveSpec",
     "LiveValue",
     "ReportFilter",
+    "ReportValue",
     "TopicSpec",
     "Topics",
     "alarms_active_payload",
@@ -590,6 +626,7 @@ __all__ = [
     "iso_to_ms",
     "live_payload",
     "record_payload",
+    "report_due",
     "schema_document",
     "state_payload",
     "status_payload",

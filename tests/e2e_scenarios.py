@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from linectl.config import LoadedConfig, load_config
+from linectl.config import LoadedConfig, MqttConfig, load_config
 from linectl.core.control import LineState
 from linectl.core.ledger import Verdict
+from linectl.mqtt import MqttBridge
 from linectl.service import LineService, ReelRequest, select_recipe
 from linectl.store import RecordStore, ReelInfo
+from linectl.telemetry import Topics
 from simulators.server import SimulatedLine
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -100,6 +102,59 @@ async def line_service(
     finally:
         svc.stop()
         await run
+
+
+@dataclass
+class MqttLine:
+    """A line service with its MQTT bridge, on the simulators (see `mqtt_line`)."""
+
+    svc: LineService
+    sim: SimulatedLine
+    bridge: MqttBridge
+    topics: Topics
+    db: Path
+
+
+@contextlib.asynccontextmanager
+async def mqtt_line(
+    host: str, port: int, tmp_path: Path, *, seed: int = 5, refusal_window_s: float = 10.0
+) -> AsyncIterator[MqttLine]:
+    """The daemon's wiring of a service and its MQTT bridge on the simulated compact line,
+    READY, on the broker at host:port; identities op-1 and op-2 are operators. Commands
+    refused unread are audited per `refusal_window_s` (the daemon's: 10 s)."""
+    cfg = load_config(compact_config(tmp_path), environ={})
+    mqtt = MqttConfig(
+        enabled=True,
+        host=host,
+        port=port,
+        keepalive_s=5,
+        reconnect_max_s=0.5,
+        roles={"operator": ["*"]},
+        identities={"op-1": "operator", "op-2": "operator"},
+    )
+    cfg.line = cfg.line.model_copy(update={"mqtt": mqtt})
+    async with (
+        SimulatedLine(cfg, seed=seed, k_dose_true=TRUE_K) as sim,
+        line_service(cfg, sim) as svc,
+    ):
+        bridge = MqttBridge(
+            svc,
+            mqtt,
+            line_id=cfg.line.line_id,
+            store_path=svc.store_path,
+            refusal_window_s=refusal_window_s,
+        )
+        svc.observers.append(bridge.on_cycle)
+        run = asyncio.create_task(bridge.run())
+        try:
+            await asyncio.wait_for(bridge.connected.wait(), 10.0)
+            await wait_for(lambda: svc.ctl.state is LineState.READY, 30.0, "READY")
+            topics = Topics.for_line(mqtt.topic_prefix, cfg.line.line_id)
+            yield MqttLine(svc, sim, bridge, topics, svc.store_path)
+        finally:
+            # The bridge first, while the service can still audit what it flushes.
+            bridge.stop()
+            await asyncio.wait_for(run, 30.0)
 
 
 def endpoints(cfg: LoadedConfig, sim: SimulatedLine) -> dict[str, Any]:

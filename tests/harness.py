@@ -1,6 +1,7 @@
-"""Closed loop on simulated time: the pure controller and dose ledger stepped together
-with the simulators' pure plant physics, through the register map and codec (no
-sockets). Used by the fast closed-loop tests and by the dose-accuracy benchmark.
+"""Closed loop on simulated time: linectl's own per-cycle code (linectl.core.line, the
+code the daemon runs each cycle) stepped together with the simulators' pure plant
+physics, through the register map and codec (no sockets). Used by the fast closed-loop
+tests and by the dose-accuracy benchmark.
 
 The plant's ground truth is independent of the controller's code: the simulators never
 import it, so agreement between the two means something.
@@ -8,22 +9,21 @@ import it, so agreement between the two means something.
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import statistics
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from linectl.codec import decode, encode
-from linectl.config import ControlTuning, Geometry, LoadedConfig, Recipe, RegisterMap
-from linectl.core.control import (
-    Alarm,
-    Controller,
-    LineState,
-    Outputs,
-    ReelPlan,
-    Transition,
-)
+from linectl.commands import Command, CommandName
+from linectl.config import ControlTuning, Geometry, LoadedConfig, PlcName, Recipe, RegisterMap
+from linectl.core.control import Alarm, CommandRefused, Controller, LineState, Outputs, Transition
 from linectl.core.ledger import DoseLedger, MetreRecord, Verdict
-from linectl.core.views import CounterUnits, acc_view, acc_writes, cnv_view, cnv_writes
+from linectl.core.line import LEDGER_STATE, AddMetres, Audit, CycleInput, Effect, Line
+from linectl.quality import Quality, Sample
 from simulators.plant import Plant
 
 # A compact line for fast tests: 16 passes within 8.5 m of cable path.
@@ -72,9 +72,36 @@ class Comparison:
         return statistics.quantiles(e, n=100, method="inclusive")[98]
 
 
+@dataclass(frozen=True, slots=True)
+class SimReading:
+    """One poll of a simulated PLC, as linectl.core.line.PlcReading: every input field
+    decoded from the plant's register image, stamped with the simulated time and the
+    PLC's own clock register (as a real link does)."""
+
+    seq: int
+    host_time_s: float
+    values: dict[str, float | int]
+    plc_clock_ms: int | None
+
+    @property
+    def ok(self) -> bool:
+        return True
+
+    def get(self, name: str) -> Sample:
+        return Sample(self.values[name], Quality.GOOD, self.plc_clock_ms, self.host_time_s)
+
+    def value(self, name: str) -> float | int | None:
+        return self.values.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+
 @dataclass
 class ClosedLoop:
-    """One line: plant physics, controller, ledger; time advances by control cycles."""
+    """One line: plant physics and linectl's own per-cycle code (linectl.core.line: the
+    controller, the counter aligner on PLC clocks, the ledger, reel start and
+    checkpoints); time advances by control cycles. Store jobs are kept, not run."""
 
     cfg: LoadedConfig
     recipe: Recipe
@@ -97,79 +124,93 @@ class ClosedLoop:
             cnv_counters=self.cnv_counters,
             arc_rate_per_h=self.arc_rate_per_h,
         )
-        self.ctl = Controller(self.recipe, self.geometry, self.tuning)
-        self.units = CounterUnits.from_maps(self.cfg.accelerator_map, self.cfg.conveyor_map)
+        line_cfg = copy.copy(self.cfg)
+        line_cfg.line = self.cfg.line.model_copy(update={"geometry": self.geometry})
+        self.line = Line(line_cfg, self.recipe, "0" * 64, "test", tuning=self.tuning)
+        self.units = self.line.units
         self.t_s = 0.0
-        self.ledger: DoseLedger | None = None
         self.records: list[MetreRecord] = []
         self.transitions: list[Transition] = []
         self.alarms: list[Alarm] = []
+        self.effects: list[Effect] = []
+        self.ledger_events: list[str] = []
+        """The kinds of the ledger's interval events (audited as "interval")."""
         self.acc_link_up = True  # False: the controller gets no acc data and cannot write
         self.cnv_link_up = True
         self.finished = False
         self.max_beam_standstill_s = 0.0
         self._standstill_s = 0.0
+        self._seq = 0
+        self._last: dict[str, SimReading] = {}
+        self._last_ledger: DoseLedger | None = None
         self.out = Outputs()
+
+    @property
+    def ctl(self) -> Controller:
+        return self.line.ctl
+
+    @property
+    def ledger(self) -> DoseLedger | None:
+        """The reel's ledger (the last one, once the reel is closed)."""
+        return self.line.ledger or self._last_ledger
 
     # ------------------------------------------------------------------ one cycle
 
+    def _read(self, plc: PlcName, rmap: RegisterMap, up: bool) -> SimReading | None:
+        """This cycle's reading, or the last one (ageing) while the link is down."""
+        if up:
+            self._seq += 1
+            values = decode_inputs(rmap, self.plant.input_registers(plc))
+            clock = values.get("clock")
+            self._last[plc] = SimReading(
+                self._seq, self.t_s, values, None if clock is None else int(clock)
+            )
+        return self._last.get(plc)
+
     def cycle(self) -> Outputs:
-        """Advance the plant one cycle, then run the controller on what it reads."""
+        """Advance the plant one cycle, then run linectl's cycle on what it reads."""
         self.t_s += self.cycle_s
         self.plant.advance_to(self.t_s)
         amap, cmap = self.cfg.accelerator_map, self.cfg.conveyor_map
-        acc_vals = decode_inputs(amap, self.plant.input_registers("accelerator"))
-        cnv_vals = decode_inputs(cmap, self.plant.input_registers("conveyor"))
-        acc = acc_view(acc_vals, amap, ok=self.acc_link_up)
-        cnv = cnv_view(cnv_vals, cmap, ok=self.cnv_link_up)
-        pos = None
-        if self.ledger is not None and self.ledger.position_m is not None:
-            # As the service does: the planned end waits out any position uncertainty.
-            pos = self.ledger.position_m - self.ledger.position_uncertainty_m
-        out = self.ctl.step(self.t_s, acc, cnv, pos)
-        transitions, alarms = self.ctl.take_events()
-        self.transitions += transitions
-        self.alarms += alarms
-        energy_ok = not acc.beam_on or abs(acc.energy_mev - self.recipe.energy_mev) <= (
-            self.recipe.energy_tolerance_mev
-        )
-        sample = self.units.sample(
-            self.t_s,
-            acc_vals,
-            cnv_vals,
-            acc_ok=self.acc_link_up,
-            cnv_ok=self.cnv_link_up,
-            energy_ok=energy_ok,
-        )
-        reel = self.ctl.reel
-        if self.ledger is None and reel is not None and reel.started:
-            self.ledger = DoseLedger(
-                self.geometry,
-                self.recipe,
-                charge_modulus_uc=self.units.charge_modulus_uc,
-                length_modulus_m=self.units.length_modulus_m,
-                planned_length_m=reel.plan.planned_length_m,
+        report = self.line.cycle(
+            CycleInput(
+                t_s=self.t_s,
+                wall=f"t+{self.t_s:.3f}s",
+                wall_ms=round(self.t_s * 1000.0),
+                acc=self._read("accelerator", amap, self.acc_link_up),
+                cnv=self._read("conveyor", cmap, self.cnv_link_up),
+                acc_fresh=self.acc_link_up,
+                cnv_fresh=self.cnv_link_up,
             )
-            assert sample.length_m is not None
-            self.ledger.start(sample)
-            self.plant.start_reel(sample.length_m)
-        elif self.ledger is not None and not self.finished:
-            self.records += self.ledger.update(sample)
-            if reel is not None and reel.complete and self.ctl.state is LineState.IDLE:
-                self.records += self.ledger.finish()
-                self.finished = True
+        )
+        self.transitions += report.transitions
+        self.alarms += report.alarms
+        self.effects += report.effects
+        self.ledger_events += [
+            str(e.detail["kind"])
+            for e in report.effects
+            if isinstance(e, Audit) and e.action == "interval"
+        ]
+        for _reel, batch in report.metres:
+            self.records += batch
+        if report.reel_started is not None:
+            self.plant.start_reel(report.reel_started[1])
+        if report.finished_reel is not None:
+            self.finished = True
+        if self.line.ledger is not None:
+            self._last_ledger = self.line.ledger
         if self.acc_link_up:
-            self._write("accelerator", amap, acc_writes(out, amap))
+            self._write("accelerator", amap, report.acc_writes)
         if self.cnv_link_up:
-            self._write("conveyor", cmap, cnv_writes(out, cmap))
+            self._write("conveyor", cmap, report.cnv_writes)
         self._watch_burn()
-        self.out = out
-        return out
+        self.out = report.outputs
+        return report.outputs
 
-    def _write(self, plc: str, rmap: RegisterMap, values: dict[str, float | int]) -> None:
+    def _write(self, plc: str, rmap: RegisterMap, values: Mapping[str, float | int]) -> None:
         for name, value in values.items():
             f = rmap.field(name)
-            code = self.plant.write_holding(plc, f.address, encode(f, value))  # type: ignore[arg-type]
+            code = self.plant.write_holding(plc, f.address, encode(f, value))
             assert code is None, f"{plc} refused {name} = {value}: exception {code}"
 
     def _watch_burn(self) -> None:
@@ -177,6 +218,26 @@ class ClosedLoop:
         moving = self.plant.conveyor.running and self.plant.conveyor.speed_m_min > 0.01
         self._standstill_s = self._standstill_s + self.cycle_s if beam and not moving else 0.0
         self.max_beam_standstill_s = max(self.max_beam_standstill_s, self._standstill_s)
+
+    def last_checkpoint(self) -> dict[str, Any] | None:
+        """The ledger checkpoint the store would hold now, as it would read it back."""
+        for e in reversed(self.effects):
+            if isinstance(e, AddMetres):
+                return dict(json.loads(json.dumps(e.checkpoint[LEDGER_STATE])))
+        return None
+
+    def restart_controller(self, *, resume: bool = True) -> None:
+        """linectl restarts (the PLCs do not): a new Line takes up the open reel from the
+        last checkpoint, as the daemon does from its store at start-up."""
+        reel = self.line.ctl.reel
+        assert reel is not None, "no reel to take up"
+        ckpt = self.last_checkpoint()
+        line = Line(self.line.cfg, self.recipe, "0" * 64, "test", tuning=self.tuning)
+        line.restore_interrupted(reel.plan, self.recipe, "0" * 64, ckpt)
+        if resume:
+            line.request_resume("test")
+        self.line = line
+        self._last_ledger = None
 
     # ------------------------------------------------------------------ driving
 
@@ -200,8 +261,12 @@ class ClosedLoop:
         assert ok, f"line not READY: {self.ctl.state} {self.ctl.why_not_ready()}"
 
     def start(self, reel_id: str = "R1", length_m: float = 200.0) -> None:
-        """Start (or resume) a reel from READY."""
-        self.ctl.request_start(ReelPlan(reel_id, length_m, "test"))
+        """Start (or resume) a reel from READY, as an operator's start_reel does;
+        CommandRefused with the line's reason when it is refused."""
+        cmd = Command(CommandName.START_REEL, "test", reel_id=reel_id, length_m=length_m)
+        result = self.line.command(cmd)
+        if not result.ack:
+            raise CommandRefused(result.reason)
 
     def run_reel(self, length_m: float = 200.0, max_s: float = 900.0) -> None:
         """Settle, start a reel and run it to its planned end."""

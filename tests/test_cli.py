@@ -238,3 +238,93 @@ def test_sim_help_reaches_the_simulators(capsys: pytest.CaptureFixture[str]) -> 
     pytest.importorskip("simulators.cli")
     assert main(["sim", "--help"]) == 0
     assert "usage:" in capsys.readouterr().out
+
+
+# ------------------------------------------------------ run and report: refused before start
+
+
+@pytest.mark.parametrize(
+    ("argv", "part"),
+    [
+        # A byte of argv that is not UTF-8 arrives as a lone surrogate: an operator named
+        # so with --resume made every store write fail and took the line to FAULT.
+        (["--resume", "--operator", "op\udcff"], "--operator: operator 'op\\udcff' holds"),
+        (["--operator", "op\x1b[2J"], "--operator: operator"),
+        (["--reel", "R1", "--length", "5", "--operator", "op\udcff"], "lone surrogate"),
+        (["--reel", "R1\udcff", "--length", "5"], "reel_id 'R1\\udcff' does not match"),
+        (["--reel", "R1\n", "--length", "5"], "does not match"),
+        (["--reel", "R1", "--length", "nan"], "--length must be a positive number"),
+        (["--reel", "R1", "--length", "inf"], "--length must be a positive number"),
+        (["--reel", "R" * 65, "--length", "5"], "does not match"),
+        (["--operator", "x" * 201], "longer than 200 characters"),
+        (["--recipe", "pv.x"], "--recipe: recipe 'pv.x' does not match"),
+        (["--recipe", "recipes/pv\udcff.toml"], "--recipe: recipe"),
+    ],
+)
+def test_run_refuses_what_the_mqtt_path_refuses_before_anything_starts(
+    argv: list[str], part: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    db = tmp_path / "r.sqlite"
+    assert main(["run", "--config", str(CONFIG_DIR), "--db", str(db), *argv]) == 2
+    err = capsys.readouterr().err
+    assert part in err, err
+    assert "Traceback" not in err
+    assert not db.exists()  # nothing was started: not even the record store
+
+
+def test_run_refuses_a_non_utf8_operator_from_a_real_argv(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite"
+    argv = [sys.executable, "-m", "linectl", "run", "--config", str(CONFIG_DIR)]
+    result = subprocess.run(
+        [*argv, "--db", str(db), "--resume", "--operator", b"op\xff"],
+        capture_output=True,
+        timeout=120,
+        check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("LINECTL_")},
+    )
+    assert result.returncode == 2, result.stderr
+    assert b"--operator: operator 'op\\udcff' holds a control character or a lone surrogate" in (
+        result.stderr
+    )
+    assert b"Traceback" not in result.stderr
+    assert not db.exists()
+
+
+def _damaged_database(path: Path) -> None:
+    from linectl.core.ledger import MetreRecord, Verdict
+    from linectl.store import RecordStore, ReelInfo
+
+    with RecordStore(path) as store:
+        store.open_reel(ReelInfo("R1", "line1", "p", "1", "h", "{}", "op", 5000.0, "2025"))
+        for start in range(0, 6000, 500):
+            metres = [
+                MetreRecord(i, 120.0, 119.0, 121.0, Verdict.IN_SPEC, ())
+                for i in range(start, start + 500)
+            ]
+            store.add_metres("R1", metres, "2025")
+    size = path.stat().st_size
+    with path.open("r+b") as f:  # every page but the first (the schema): every table
+        f.seek(4096)
+        f.write(os.urandom(size - 4096))
+
+
+@pytest.mark.parametrize("damage", ["not a database", "damaged pages"])
+@pytest.mark.parametrize("command", [["run"], ["report"], ["report", "R1"]])
+def test_a_damaged_record_database_exits_2_naming_the_file(
+    damage: str, command: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    db = tmp_path / "r.sqlite"
+    if damage == "not a database":
+        db.write_bytes(b"SQLite format 2\0" + os.urandom(8192))
+    else:
+        _damaged_database(db)
+    before = db.read_bytes()
+    argv = [*command, "--db", str(db)]
+    if command == ["run"]:
+        argv += ["--config", str(CONFIG_DIR)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"linectl: error: {db}: " in err
+    assert "damaged" in err
+    assert "Traceback" not in err
+    assert db.read_bytes() == before  # left as it was, for whoever restores it

@@ -108,6 +108,9 @@ class FakeLine:
     ) -> None:
         pass
 
+    def audit_refusals(self, summary: Mapping[str, Any]) -> None:
+        pass
+
     def set(self, name: str, value: float | None, quality: Quality = Quality.GOOD) -> None:
         self.values[name] = LiveValue(name, value, quality, now_ms())
 
@@ -120,6 +123,9 @@ def mqtt_cfg(broker: TestBroker, **update: Any) -> MqttConfig:
         "keepalive_s": 5,
         "reconnect_max_s": 0.5,
         "live_min_interval_s": 0.0,
+        # The bridge refuses a sender with no role before the fake line sees it; who may
+        # do what is tested in test_mqtt.py and test_security.py.
+        "allow_anonymous_commands": True,
     }
     base.update(update)
     return MqttConfig.model_validate(base)

@@ -147,13 +147,14 @@ def test_accelerator_restart_resets_counters_unproven_not_a_spike(
     cl.run_for(60.0)
     cl.plant.restart("accelerator")
     cl.run_for(3.0)
-    assert any(a.kind == "hv_lost" for a in cl.alarms)
+    # Its clock jumped: the restart is seen at once, before the HV it dropped.
+    assert any(a.kind == "accelerator_link" and "restarted" in a.message for a in cl.alarms)
     reset_and_resume(cl, 300.0)
     c = check_promises(cl)
     assert c.verdicts.get("unproven", 0) > 0
     assert c.verdicts.get("over_dose", 0) == 0
     assert cl.ledger is not None
-    assert any(e.kind == "charge_reset" for e in cl.ledger.events)
+    assert "charge_reset" in cl.ledger_events
 
 
 @pytest.mark.parametrize("seed", [11, 12, 13])
@@ -179,7 +180,7 @@ def test_conveyor_restart_position_uncertain_then_arcs_no_false_accept(
         cl.plant.accelerator.arc(0.4)
     assert cl.run_until(lambda: cl.finished, 900.0)
     assert cl.ledger is not None
-    assert any(e.kind == "length_reset" for e in cl.ledger.events)
+    assert "length_reset" in cl.ledger_events
     assert cl.ledger.position_uncertainty_m > 0
     c = cl.compare()
     assert c.false_accepts == [], f"metres recorded in spec but truly out: {c.false_accepts}"

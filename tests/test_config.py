@@ -9,16 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from linectl.commands import CommandName
 from linectl.config import (
+    COMMAND_NAMES,
     COUNTER_FIELDS,
     REQUIRED_FIELDS,
+    LineConfig,
     LoadedConfig,
     RegisterMap,
     json_schemas,
     load_config,
     load_recipe,
     load_register_map,
+    read_toml,
 )
 from linectl.errors import ConfigError, LocalError
 
@@ -288,6 +293,11 @@ BAD_CASES: dict[str, list[str]] = {
     "line-bad-syntax.toml": ["not valid TOML", "line 34"],
     "line-unknown-key.toml": ["accelerator.timeout_ms", "unknown key"],
     "line-missing-line-id.toml": ["line_id", "Field required"],
+    "line-role-unknown-command.toml": ["mqtt: roles.operator: no command 'stopp'", "known: start"],
+    "line-identity-undefined-role.toml": [
+        "mqtt: identities.scada-1: role 'operatr' is not defined in [mqtt.roles]",
+        "defined: 'operator', 'viewer'",
+    ],
     "recipe-min-above-target.toml": [
         "min_dose_kgy < target_dose_kgy < max_dose_kgy",
         "min_dose_kgy 125",
@@ -420,6 +430,70 @@ def test_bad_env_override(env: dict[str, str], parts: list[str]) -> None:
     message = str(info.value)
     for part in parts:
         assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_roles_and_identities_are_checked_and_every_fault_is_listed() -> None:
+    data = read_toml(CONFIG_DIR / "line.toml")
+    data["mqtt"]["roles"] = {"operator": ["stop", "*", "shutdown"], "viewer": []}
+    data["mqtt"]["identities"] = {"op-1": "operator", "eye": "viewers", "boss": "admin"}
+    with pytest.raises(ValidationError) as info:
+        LineConfig.model_validate(data)
+    message = str(info.value)
+    assert "roles.operator: no command 'shutdown'" in message
+    assert "identities.eye: role 'viewers' is not defined" in message
+    assert "identities.boss: role 'admin' is not defined" in message
+    assert "'stop'" not in message
+    assert "op-1" not in message
+    # The same through the environment, named with its overrides.
+    env = {"LINECTL_MQTT__IDENTITIES__BOB": "operators"}
+    with pytest.raises(ConfigError, match=r"identities\.bob: role 'operators' is not defined"):
+        load_config(CONFIG_DIR, environ=env)
+    ok = load_config(CONFIG_DIR, environ={"LINECTL_MQTT__IDENTITIES__BOB": "operator"})
+    assert ok.line.mqtt.identities == {"bob": "operator"}
+
+
+def test_command_names_are_the_commands() -> None:
+    assert tuple(c.value for c in CommandName) == COMMAND_NAMES
+
+
+@pytest.mark.parametrize("value", ["123456", "true", "1.5", "[1]", '"quoted"', "  x  ", "a#b"])
+def test_env_text_keys_take_the_value_as_it_is(value: str) -> None:
+    # Found by attack: LINECTL_MQTT__PASSWORD=123456 was parsed as TOML, an integer, and
+    # refused as "not a valid string". Text keys take the text; the others still TOML.
+    env = {
+        "LINECTL_MQTT__PASSWORD": value,
+        "LINECTL_MQTT__USERNAME": value,
+        "LINECTL_MQTT__CLIENT_ID": value,
+        "LINECTL_ACCELERATOR__HOST": value,
+        "LINECTL_MQTT__TLS__CA_FILE": value,
+        "LINECTL_MQTT__IDENTITIES__OP": "operator",
+        "LINECTL_MQTT__PORT": "8883",
+        "LINECTL_MQTT__ENABLED": "true",
+        "LINECTL_MQTT__PROTOCOL": "5",  # a Literal of strings: text too
+    }
+    line = load_config(CONFIG_DIR, environ=env).line
+    assert line.mqtt.password == value
+    assert line.mqtt.username == value
+    assert line.mqtt.client_id == value
+    assert line.accelerator.host == value
+    assert line.mqtt.tls is not None
+    assert line.mqtt.tls.ca_file == value
+    assert line.mqtt.identities == {"op": "operator"}
+    assert line.mqtt.port == 8883
+    assert line.mqtt.enabled is True
+    assert line.mqtt.protocol == "5"
+
+
+@pytest.mark.parametrize("value", ["pw\udcff", "pw\nsecond", "\x00"])
+def test_env_value_that_no_file_can_hold_is_refused_unshown(value: str) -> None:
+    # A byte of the environment that is not UTF-8 arrives as a lone surrogate.
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIG_DIR, environ={"LINECTL_MQTT__PASSWORD": value})
+    message = str(info.value)
+    assert "LINECTL_MQTT__PASSWORD" in message
+    assert "not UTF-8" in message
+    assert value not in message
+    assert "pw" not in message
 
 
 def test_env_from_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:

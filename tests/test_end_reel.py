@@ -92,8 +92,8 @@ def _reached(svc: LineService, cfg: LoadedConfig) -> int:
 
 
 def _at_rest_s(svc: LineService) -> float:
-    since = svc._at_rest_since_s
-    return -1.0 if since is None else svc._cycle_t_s - since
+    since, report = svc.line.at_rest_since_s, svc.report
+    return -1.0 if since is None or report is None else report.t_s - since
 
 
 def _unchanged(svc: LineService) -> tuple[object, ...]:

@@ -1248,11 +1248,11 @@ def _effects(svc: LineService) -> tuple[Any, ...]:
         svc.recipe,
         svc.recipe_path,
         svc.ctl.recipe,
-        dict(svc._unacked),
-        frozenset(svc._opened_reels),
+        dict(svc.line.unacked),
+        frozenset(svc.line.opened_reels),
         dict(svc.ctl.alarms),
         None if svc.ledger is None else (id(svc.ledger), svc.ledger.next_metre),
-        svc._reel_request,
+        svc.line.reel_request,
         svc.records_written,
     )
 
@@ -1291,15 +1291,15 @@ async def test_live_service_refused_commands_change_nothing_in_any_state(
         async with SimulatedLine(cfg, seed=7, k_dose_true=TRUE_K) as sim:
             svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))
             applied: dict[int, tuple[tuple[Any, ...], tuple[Any, ...], bool]] = {}
-            real_apply = svc._apply
+            real_apply = svc.line.command
 
-            def apply(p: Any) -> Any:
+            def apply(cmd: Any, recipe: Any = None) -> Any:
                 before = _effects(svc)
-                result = real_apply(p)
-                applied[id(p.cmd)] = (before, _effects(svc), result.ack)
+                result = real_apply(cmd, recipe)
+                applied[id(cmd)] = (before, _effects(svc), result.ack)
                 return result
 
-            svc._apply = apply  # type: ignore[method-assign]
+            svc.line.command = apply  # type: ignore[method-assign]
             task = asyncio.create_task(svc.run())
             sent: list[tuple[str, Command, bool]] = []
             visited: list[str] = []

@@ -8,12 +8,17 @@ it is on PATH; the parser checks below run without it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import json
 import math
 import re
+import selectors
 import shutil
 import socket
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -36,6 +41,7 @@ from linectl.core.ledger import MetreRecord, Verdict
 from linectl.errors import ConfigError, LocalError
 from linectl.metrics import (
     LINK_ERROR_KINDS,
+    MAX_CONNECTIONS,
     METRE_CAUSES,
     MODBUS_FUNCTIONS,
     PROCESS_VALUES,
@@ -121,6 +127,14 @@ class FakeLedger:
     position_m: float | None
 
 
+@dataclass(frozen=True)
+class FakeReport:
+    state: LineState
+    outputs: Outputs
+    position_m: float | None
+    active_alarms: tuple[str, ...]
+
+
 @dataclass
 class FakeLink:
     name: str
@@ -153,6 +167,12 @@ class FakeService:
         self.observers: list[Any] = []
         self.on_metres: list[Any] = []
         self.on_alarm: list[Any] = []
+
+    @property
+    def report(self) -> FakeReport:
+        """The cycle's report, as the service's CycleReport carries it."""
+        position = None if self.ledger is None else self.ledger.position_m
+        return FakeReport(self.ctl.state, self.ctl.outputs, position, tuple(self.ctl.alarms))
 
     def cycle(self) -> None:
         for observer in self.observers:
@@ -890,3 +910,123 @@ def test_promtool_alert_rules_fire_as_documented(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------- hung and excess HTTP connections
+
+
+def _closed_by_server(sock: socket.socket, within_s: float) -> bool:
+    """Whether the server closes `sock` within `within_s` (EOF or reset)."""
+    sock.settimeout(within_s)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _count_closed(socks: list[socket.socket], at_least: int, within_s: float) -> int:
+    """How many of `socks` the server has closed, waiting up to `within_s` for `at_least`."""
+    closed: set[socket.socket] = set()
+    deadline = time.monotonic() + within_s
+    with selectors.DefaultSelector() as sel:
+        for s in socks:
+            sel.register(s, selectors.EVENT_READ)
+        while len(closed) < at_least and (left := deadline - time.monotonic()) > 0:
+            for key, _ in sel.select(timeout=left):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if _closed_by_server(sock, 1.0):
+                    closed.add(sock)
+                    sel.unregister(sock)
+    return len(closed)
+
+
+def _endpoint_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "linectl-metrics")
+
+
+def test_idle_connections_are_bounded_and_a_scraper_is_still_answered(
+    metrics: LineMetrics,
+) -> None:
+    # Found by attack: 200 idle connections held 204 threads, one each, with no timeout.
+    threads_before = threading.active_count()
+    with metrics.serve("127.0.0.1", 0, request_timeout_s=60.0) as srv:
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(200)]
+        try:
+            # One thread serves them all, however many connect.
+            assert _endpoint_threads() == 1
+            assert threading.active_count() <= threads_before + 1
+            # A scraper is answered while they are all still open...
+            assert f'linectl_up{{line="{LINE}"}} 1.0' in scrape(srv.url)
+            # ... because the endpoint holds at most MAX_CONNECTIONS of them: the rest
+            # were closed to make room (the request timeout, 60 s, closed none of them).
+            closed = _count_closed(idle, len(idle) - MAX_CONNECTIONS, within_s=20.0)
+            assert closed >= len(idle) - MAX_CONNECTIONS
+            assert srv.stats.evicted >= len(idle) - MAX_CONNECTIONS
+            assert srv.stats.timed_out == 0
+            assert threading.active_count() <= threads_before + 1
+        finally:
+            for s in idle:
+                s.close()
+        assert f'linectl_up{{line="{LINE}"}} 1.0' in scrape(srv.url)
+        assert srv.stats.answered == 2
+    assert _endpoint_threads() == 0  # close() ends the endpoint's one thread
+
+
+def test_a_client_that_does_not_send_its_request_in_time_is_dropped(
+    metrics: LineMetrics,
+) -> None:
+    with metrics.serve("127.0.0.1", 0, request_timeout_s=0.5) as srv:
+        silent = socket.create_connection(("127.0.0.1", srv.port))
+        slow = socket.create_connection(("127.0.0.1", srv.port))
+        try:
+            slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+            assert _closed_by_server(silent, 20.0)  # hang guards: the timeout is 0.5 s
+            assert _closed_by_server(slow, 20.0)
+        finally:
+            silent.close()
+            slow.close()
+        assert srv.stats.timed_out == 2
+        assert srv.stats.answered == 0
+        assert "linectl_up" in scrape(srv.url)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "answer"),
+    [
+        (b"NONSENSE\r\n\r\n", b"HTTP/1.1 400 "),
+        (b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", b"HTTP/1.1 400 "),
+        (b"POST /metrics HTTP/1.1\r\n\r\n", b"HTTP/1.1 405 "),
+        (b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 10000 + b"\r\n\r\n", b""),  # too long
+    ],
+)
+def test_requests_the_endpoint_does_not_take(
+    metrics: LineMetrics, request_bytes: bytes, answer: bytes
+) -> None:
+    with metrics.serve("127.0.0.1", 0) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            s.settimeout(20.0)
+            with contextlib.suppress(ConnectionResetError):
+                s.sendall(request_bytes)
+            got = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := s.recv(4096):
+                    got += chunk
+        assert got.startswith(answer)
+        assert b"linectl_up" not in got
+        assert "linectl_up" in scrape(srv.url)
+
+
+def test_exposition_negotiation_is_prometheus_clients(
+    metrics: LineMetrics, server: MetricsServer
+) -> None:
+    req = urllib.request.Request(server.url, headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(req, timeout=5.0) as resp:
+        assert resp.headers["Content-Encoding"] == "gzip"
+        assert resp.headers["Connection"] == "close"
+        body = gzip.decompress(resp.read()).decode()
+    assert f'linectl_up{{line="{LINE}"}} 1.0' in body
+    om = scrape(server.url, openmetrics=True)
+    assert om.rstrip().endswith("# EOF")

@@ -170,11 +170,15 @@ def test_csv_one_row_per_metre(db: Path) -> None:
     out = io.StringIO()
     assert run_report(args(db, "--csv"), out) == 0
     rows = list(csv.reader(io.StringIO(out.getvalue())))
-    assert rows[0] == ["index", "dose_kgy", "min_dose_kgy", "max_dose_kgy", "verdict", "causes"]
+    assert rows[0] == [
+        "reel_id", "index", "dose_kgy", "min_dose_kgy", "max_dose_kgy", "verdict", "causes"
+    ]  # fmt: skip
     assert len(rows) == 1 + 43
-    assert rows[1] == ["0", "120.0", "118.0", "122.0", "in_spec", ""]
-    assert rows[22] == ["21", "160.0", "158.0", "162.0", "over_dose", "standstill;over_dose"]
-    assert rows[24][1:] == ["", "", "", "unproven", "controller restart"]
+    assert rows[1] == ["R7", "0", "120.00", "118.00", "122.00", "in_spec", ""]
+    assert rows[22] == [
+        "R7", "21", "160.00", "158.00", "162.00", "over_dose", "standstill;over_dose"
+    ]  # fmt: skip
+    assert rows[24][2:] == ["", "", "", "unproven", "controller restart"]
 
 
 def test_text(db: Path) -> None:

@@ -144,7 +144,7 @@ async def test_resume_with_no_reel_to_resume(
     """The systemd unit and compose run `linectl run --resume` on every start: with no
     interrupted reel a daemon waits for commands, quietly; `--exit-after-reel` has
     nothing to do and ends, saying why."""
-    caplog.set_level(logging.INFO, logger="linectl.service")
+    caplog.set_level(logging.INFO, logger="linectl")
     cfg = operator_config(tmp_path, OP)
     async with (
         SimulatedLine(cfg, acc_port=0, cnv_port=0, seed=34, k_dose_true=TRUE_K) as sim,

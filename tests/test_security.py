@@ -83,8 +83,8 @@ def effects(svc: LineService) -> tuple[Any, ...]:
         svc.ctl._reset_pending,
         svc.recipe,
         svc.recipe_path,
-        dict(svc._unacked),
-        frozenset(svc._opened_reels),
+        dict(svc.line.unacked),
+        frozenset(svc.line.opened_reels),
         dict(svc.ctl.alarms),
         len(svc._commands),
     )
@@ -278,9 +278,20 @@ async def test_answers_never_go_onto_linectls_own_topics(tmp_path: Path) -> None
         await bridge._respond(Client(), m, "op-1", result)  # type: ignore[arg-type]
     assert set(published) == {topics.response("op-1")}
     published.clear()
-    m = message(topics.cmd("stop", "op-1"), b"{}", response_topic="scada/op-1/answers")
+    # Nor at another user, nor outside the prefix: only the sender's own response topic.
+    for elsewhere in (
+        topics.response("op-2"),
+        "scada/op-1/answers",
+        topics.response("op-1") + "/x",
+        "linectl/line2/response/op-1",
+    ):
+        m = message(topics.cmd("stop", "op-1"), b"{}", response_topic=elsewhere)
+        await bridge._respond(Client(), m, "op-1", result)  # type: ignore[arg-type]
+    assert set(published) == {topics.response("op-1")}
+    published.clear()
+    m = message(topics.cmd("stop", "op-1"), b"{}", response_topic=topics.response("op-1"))
     await bridge._respond(Client(), m, "op-1", result)  # type: ignore[arg-type]
-    assert published == ["scada/op-1/answers"]
+    assert published == [topics.response("op-1")]
 
 
 # ---------------------------------------------------------------------- metrics endpoint

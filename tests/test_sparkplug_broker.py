@@ -61,6 +61,9 @@ class FakeLine:
     ) -> None:
         self.refused.append((sender, command, reason))
 
+    def audit_refusals(self, summary: object) -> None:
+        pass
+
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -202,10 +205,17 @@ async def broker(tmp_path: Path) -> AsyncIterator[TestBroker]:
 
 
 def make_edge(
-    port: int, line: FakeLine, tmp_path: Path, *, primary: str | None = None
+    port: int,
+    line: FakeLine,
+    tmp_path: Path,
+    *,
+    primary: str | None = None,
+    protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V311,
 ) -> SparkplugEdge:
     node = EdgeNode(GROUP, NODE, sender=primary or "sparkplug", line_status=False)
-    settings = BrokerSettings("127.0.0.1", port, "edge-under-test", keepalive_s=5)
+    settings = BrokerSettings(
+        "127.0.0.1", port, "edge-under-test", keepalive_s=5, protocol=protocol
+    )
     return SparkplugEdge(
         node,
         line,
@@ -393,6 +403,43 @@ async def test_retained_command_is_refused_and_audited(broker: TestBroker, tmp_p
     assert [(c, r) for _s, c, r in line.refused] == [("sparkplug_command", "retained command")]
 
 
+async def test_command_retained_while_connected_is_refused_over_mqtt5(
+    broker: TestBroker, tmp_path: Path
+) -> None:
+    """With MQTT 5 the node subscribes NCMD/DCMD retain-as-published: a command published
+    with retain while it is connected keeps its RETAIN flag, and is refused, not run."""
+    if broker.kind != "mosquitto":
+        pytest.skip("MQTT 5 needs mosquitto")
+    line = FakeLine()
+    edge = make_edge(broker.port, line, tmp_path, protocol=aiomqtt.ProtocolVersion.V5)
+    async with subscriber(broker) as sub, running(edge):
+        await sub.wait_for(lambda ms: sub.count("DBIRTH") >= 3)
+        async with broker.client() as host:
+            await host.publish(
+                f"{PREFIX}/NCMD/{NODE}", ncmd("Commands/stop", pb.Boolean, True), qos=1, retain=True
+            )
+            await host.publish(
+                f"{PREFIX}/DCMD/{NODE}/conveyor",
+                ncmd("Commands/reset", pb.Boolean, True),
+                qos=1,
+                retain=True,
+            )
+            for _ in range(250):
+                if len(line.refused) >= 2:
+                    break
+                await asyncio.sleep(0.02)
+            # Not retained: the same command runs (the refusal is about RETAIN only).
+            await host.publish(
+                f"{PREFIX}/NCMD/{NODE}", ncmd("Commands/stop", pb.Boolean, True), qos=1
+            )
+            for _ in range(250):
+                if line.commands:
+                    break
+                await asyncio.sleep(0.02)
+    assert [(c, r) for _s, c, r in line.refused] == [("sparkplug_command", "retained command")] * 2
+    assert [c.name for c in line.commands] == [CommandName.STOP]
+
+
 class CuttableProxy:
     """TCP between the edge node and the broker; `cut()` drops it like a network fault
     (no DISCONNECT reaches the broker), `restore()` lets connections through again."""
@@ -471,6 +518,7 @@ _NODE_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
+    import aiomqtt
     from linectl.commands import CommandResult
     from linectl.quality import Quality
     from linectl.sparkplug.adapter import BdSeqFile, BrokerSettings, SparkplugEdge
@@ -485,7 +533,9 @@ _NODE_SCRIPT = textwrap.dedent(
     async def main():
         node = EdgeNode("plant", "line1", line_status=False)
         edge = SparkplugEdge(
-            node, Line(), BrokerSettings("127.0.0.1", int(sys.argv[1]), "edge-sub", keepalive_s=5),
+            node, Line(),
+            BrokerSettings("127.0.0.1", int(sys.argv[1]), "edge-sub", keepalive_s=5,
+                           protocol=aiomqtt.ProtocolVersion.V311),
             bdseq_file=BdSeqFile(Path(sys.argv[2])), scan_period_s=0.05)
         await edge.run()
 

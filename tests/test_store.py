@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +19,15 @@ import pytest
 
 from linectl.core.ledger import MetreRecord, Verdict
 from linectl.errors import LocalError
-from linectl.store import SCHEMA_VERSION, RecordStore, ReelInfo
+from linectl.store import (
+    SCHEMA_VERSION,
+    RecordStore,
+    ReelInfo,
+    StoreFileError,
+    StoreLockedError,
+    check_database,
+    limit_lock_waits,
+)
 
 T0 = "2025-01-10T08:00:00.000+00:00"
 T1 = "2025-01-10T08:01:00.000+00:00"
@@ -307,3 +318,143 @@ def test_survives_sigkill(tmp_path: Path) -> None:
         found = s.find_open_reel("line1")
         assert found is not None
         assert found.reel_id == "K1"
+
+
+# ------------------------------------------------------------- a locked or damaged database
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding the database's write lock (BEGIN EXCLUSIVE) until the end
+    of the block."""
+    code = (
+        "import sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "db.execute('BEGIN EXCLUSIVE')\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+        "db.execute('ROLLBACK')\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def test_a_write_on_a_locked_database_says_what_was_not_stored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "r.sqlite"
+    s = RecordStore(path, lock_wait_s=0.3)
+    s.open_reel(reel_info())
+    with locked(path):
+        with pytest.raises(StoreLockedError) as info:
+            s.add_metres("R1", [metre(0), metre(1), metre(2)], T1, state={"ledger": {"n": 3}})
+        with pytest.raises(StoreLockedError, match="audit event stop by alice"):
+            s.audit(T1, "alice", "stop", {}, accepted=True, reel_id="R1")
+        assert s.metres("R1") == []  # reads go on: WAL readers never wait for a writer
+    message = str(info.value)
+    assert str(path) in message
+    assert "metres 0-2 of reel R1 and the ledger checkpoint of reel R1 NOT STORED" in message
+    assert "locked by another connection" in message
+    assert s.unwritten == 2
+    # Nothing of a refused write is stored; the next write goes in.
+    assert s.load_state("R1", "ledger") is None
+    assert s.add_metres("R1", [metre(0)], T2) == 1
+    with caplog.at_level(logging.ERROR, logger="linectl.store"):
+        s.close()
+    summary = [r.getMessage() for r in caplog.records if "NOT STORED" in r.getMessage()]
+    assert len(summary) == 1
+    assert "2 record write(s) NOT STORED" in summary[0]
+    assert "metres 0-2 of reel R1" in summary[0]
+    assert "audit event stop by alice" in summary[0]
+
+
+def test_limit_lock_waits_ends_a_wait_in_progress_and_what_follows(tmp_path: Path) -> None:
+    # A SIGTERM with the database locked by another process took 45 s and more: every
+    # queued write waited out the 10 s busy timeout in turn (found by attack).
+    path = tmp_path / "r.sqlite"
+    s = RecordStore(path, lock_wait_s=120.0)
+    s.open_reel(reel_info())
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            s.add_metres("R1", [metre(0)], T1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with locked(path):
+        writer = threading.Thread(target=write)
+        writer.start()
+        time.sleep(0.3)
+        assert writer.is_alive()  # waiting for the lock, as a running line's write does
+        limit_lock_waits(0.0)  # what `linectl run` does on SIGTERM
+        writer.join(timeout=20.0)  # a hang guard: without the limit it waits 120 s
+        assert not writer.is_alive()
+        assert len(errors) == 1
+        assert isinstance(errors[0], StoreLockedError)
+        # The lock is held for long: every later write tries once and says what it lost.
+        for i in range(1, 21):
+            with pytest.raises(StoreLockedError, match=f"metres {i} of reel R1 NOT STORED"):
+                s.add_metres("R1", [metre(i)], T1)
+    assert s.unwritten == 21
+    s.close()
+
+
+def test_after_limit_lock_waits_a_moments_contention_costs_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite"
+    s = RecordStore(path)
+    s.open_reel(reel_info())
+    s.limit_lock_waits(0.0)
+    with locked(path) as proc:
+        threading.Timer(0.1, lambda: proc.stdin.close() if proc.stdin else None).start()
+        assert s.add_metres("R1", [metre(0)], T1) == 1  # waited for the lock's release
+    assert s.unwritten == 0
+    s.close()
+
+
+def _damage(path: Path, first_page: int, pages: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(4096 * first_page)
+        f.write(os.urandom(4096 * pages))
+
+
+def test_a_file_that_is_not_a_database_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite"
+    path.write_bytes(b"not a database, just bytes\n" * 200)
+    with pytest.raises(StoreFileError, match=rf"{path}: not a usable record database"):
+        RecordStore(path)
+    with pytest.raises(StoreFileError, match=rf"{path}: not a usable record database"):
+        check_database(path)
+    (tmp_path / "dir.sqlite").mkdir()
+    with pytest.raises(StoreFileError, match="cannot open the record database"):
+        RecordStore(tmp_path / "dir.sqlite")
+
+
+def test_a_damaged_database_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite"
+    with RecordStore(path) as s:
+        s.open_reel(reel_info())
+        for start in range(0, 6000, 500):
+            s.add_metres("R1", [metre(i) for i in range(start, start + 500)], T1)
+    check_database(path)  # sound
+    _damage(path, 20, 4)  # a few pages: the quick check finds them
+    with pytest.raises(StoreFileError, match=rf"{path}: .*damaged"):
+        check_database(path)
+    _damage(path, 1, path.stat().st_size // 4096 - 1)  # every table: a read finds it
+    with (
+        pytest.raises(StoreFileError, match=rf"{path}: .*damaged"),
+        RecordStore(path) as s,
+    ):
+        s.metres("R1")

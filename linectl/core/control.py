@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final, Literal, get_args
 
+from linectl import dose
 from linectl.config import ControlTuning, Geometry, Recipe
 
 
@@ -334,11 +335,9 @@ class Controller:
     def current_for(self, speed_m_min: float, scan_width_cm: float) -> float:
         """Dose-follow: I = D * v * W / (K * sum w), within the recipe's current range."""
         w = scan_width_cm if scan_width_cm > 0 else self.recipe.scan_width_cm
-        i = (
-            self.recipe.target_dose_kgy
-            * speed_m_min
-            * w
-            / (self.recipe.k_dose * self.geometry.weight_sum)
+        r = self.recipe
+        i = dose.current_for_dose_ma(
+            r.k_dose, r.target_dose_kgy, speed_m_min, w, self.geometry.weight_sum
         )
         return min(max(i, self.recipe.beam_current_min_ma), self.recipe.beam_current_max_ma)
 
@@ -550,9 +549,7 @@ class Controller:
             if not acc.cooling_ok:
                 trips.append(("cooling", "cooling fault"))
             hv_settled = self.state is not LineState.STARTING or self._phase is not StartPhase.HV
-            if hv_settled and abs(acc.energy_mev - self.recipe.energy_mev) > (
-                self.recipe.energy_tolerance_mev
-            ):
+            if hv_settled and not self.recipe.energy_ok(acc.energy_mev):
                 trips.append(
                     (
                         "energy",
@@ -658,9 +655,7 @@ class Controller:
         match self._phase:
             case StartPhase.HV:
                 out = replace(out, beam_on=False, run=False, speed_sp_m_min=0.0)
-                energy_ok = abs(acc.energy_mev - self.recipe.energy_mev) <= (
-                    self.recipe.energy_tolerance_mev
-                )
+                energy_ok = self.recipe.energy_ok(acc.energy_mev)
                 if acc.hv_on and acc.ready and energy_ok and acc.scan_ok:
                     self._phase, self._phase_t_s = StartPhase.LINE, t_s
             case StartPhase.LINE:

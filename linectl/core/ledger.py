@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from linectl import dose
 from linectl.config import Geometry, Recipe
 
 # Flags per bin (bitmask): why the dose in a bin is not to be trusted or is bad.
@@ -672,7 +673,7 @@ class DoseLedger:
         dl = self._bins.dose_len
         fl = self._bins.flags
         r = self.resolution_m
-        base = self.recipe.k_dose * d_q_uc / (60000.0 * w_cm)  # kGy*m per unit weight
+        base = dose.dose_length_kgy_m(self.recipe.k_dose, d_q_uc, w_cm)  # per unit weight
         length_m = b_m - a_m
         extra = 0 if energy_ok else ENERGY
         for off, w in zip(self._offsets_m, self._weights, strict=True):
@@ -727,8 +728,8 @@ class DoseLedger:
         flag = ENERGY if (not energy_ok and d_q_uc > 0) else 0
         for off, w in zip(self._offsets_m, self._weights, strict=True):
             lo, hi = a_m - off, b_m - off
-            est_density = w * k_dose * d_q_uc / (60000.0 * w_cm) / length_m
-            worst = w * k_dose * q_hi_uc / (60000.0 * w_min_cm)  # kGy*m, all in one bin
+            est_density = w * dose.dose_length_kgy_m(k_dose, d_q_uc, w_cm) / length_m
+            worst = w * dose.dose_length_kgy_m(k_dose, q_hi_uc, w_min_cm)  # all in one bin
             for j in self._bin_range(lo, hi):
                 gu[j] = gu.get(j, 0.0) + worst
                 o = min(hi, (j + 1) * r) - max(lo, j * r)
@@ -742,7 +743,9 @@ class DoseLedger:
         r = self.resolution_m
         for off, w in zip(self._offsets_m, self._weights, strict=True):
             j = math.floor((a_m - off) / r)
-            gu[j] = gu.get(j, 0.0) + w * self.recipe.k_dose * q_hi_uc / (60000.0 * w_min_cm)
+            gu[j] = gu.get(j, 0.0) + w * dose.dose_length_kgy_m(
+                self.recipe.k_dose, q_hi_uc, w_min_cm
+            )
 
     def _mark_unproven(self, a_m: float, b_m: float) -> None:
         fl = self._bins.flags

@@ -69,6 +69,8 @@ HEARTBEAT_FIELD: Final = "watchdog"
 """The holding field the controller changes every cycle (the PLC's watchdog)."""
 QUEUE_MAX: Final = 8
 """Posted writes kept at most while a PLC is slow (each a command-word change)."""
+SETTINGS_RETRY_S: Final = 5.0
+"""How often the settings a PLC refused at connect are written again."""
 
 EXCEPTION_NAMES: Final[dict[int, str]] = {
     1: "illegal function",
@@ -328,6 +330,10 @@ class PlcLink:
         self._poll_event = asyncio.Event()
         self._on_connect: dict[str, float] = {}
         self._configured_gen = -1  # the connection generation the I/O task configured
+        self.settings_refused: str | None = None
+        """Why the PLC is not usable although it answers: it refused (or holds another
+        value than) a setting written at connect. None when configured."""
+        self._refused_at_s = 0.0
         self.latest: Snapshot | None = None
         """The freshest snapshot the I/O task took (None before its first poll)."""
         self.writes_dropped = 0
@@ -821,6 +827,11 @@ class PlcLink:
                 self._queue.popleft()
                 self.writes_dropped += 1
             return
+        if (
+            self.settings_refused is not None
+            and self._clock() - self._refused_at_s >= SETTINGS_RETRY_S
+        ):
+            self._configured_gen = -1  # try the settings again
         if self._configured_gen != self._generation:
             await self._configure()
             if not self.configured:
@@ -854,10 +865,39 @@ class PlcLink:
                 await self.write_many(self.with_heartbeat({hb: 0}), verify=False)
             await self.write_many(self.with_heartbeat({hb: 0}), verify=False)
         if self._on_connect:
-            await self.write_many(self._on_connect, verify=True)
+            try:
+                await self.write_many(self._on_connect, verify=True)
+            except (PlcExceptionError, WriteVerifyError) as exc:
+                busy = isinstance(exc, PlcExceptionError) and exc.exception_code in (5, 6)
+                if busy or gen != self._generation or not self.connected:
+                    raise  # transient: configured again on the next round
+                self._settings_refused(gen, exc)
+                return
+            if self.settings_refused is not None:
+                log.warning("%s took its settings now: %s", self.name, self._on_connect)
+            self.settings_refused = None
             log.info("%s configured: %s", self.name, self._on_connect)
         if gen == self._generation:
             self._configured_gen = gen
+
+    def _settings_refused(self, gen: int, exc: PlcError) -> None:
+        """The PLC answered and would not take a setting linectl needs (its watchdog
+        timeout, the ramp): it cannot be run as configured. Treated as lost (the line
+        service sees `settings_refused` and keeps it out of control, so the line goes
+        to its safe state), but the safe-state writes still go out and the heartbeat
+        keeps changing, and the settings are tried again every SETTINGS_RETRY_S."""
+        why = f"settings {self._on_connect} refused at connect: {exc}"
+        if self.settings_refused != why:
+            log.error(
+                "%s: %s; the PLC is treated as lost until it takes them (retried every "
+                "%g s): check its program and the map's ranges",
+                self.name,
+                why,
+                SETTINGS_RETRY_S,
+            )
+        self.settings_refused = why
+        self._refused_at_s = self._clock()
+        self._configured_gen = gen  # the safe state's writes must still go out
 
     def _degraded_snapshot(self) -> Snapshot:
         now = self._clock()

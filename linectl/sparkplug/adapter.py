@@ -20,6 +20,8 @@ its NDEATH. Per connection:
    process dies, the broker publishes the will.
 
 The broker going away is normal: reconnect with capped exponential backoff, new bdSeq.
+The connection (settings, client, TLS, back-off, the command subscriptions with MQTT 5
+retain-as-published) is linectl.broker's, as for the JSON bridge and the CLI client.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import json
 import logging
 import math
 import os
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -40,9 +41,10 @@ from typing import Any, Protocol
 
 import aiomqtt
 
-from linectl.aio import cancellable, entered, task_group, wait_event
+from linectl.aio import cancellable, entered, task_group, unix_ms
+from linectl.broker import Backoff, BrokerSettings, make_client, reconnect_loop, subscribe_commands
 from linectl.commands import Command, CommandResult
-from linectl.config import LoadedConfig, MqttTls
+from linectl.config import LoadedConfig
 from linectl.core.ledger import MetreRecord, Verdict
 from linectl.errors import ConfigError, LocalError
 from linectl.sparkplug.node import (
@@ -211,30 +213,12 @@ class SparkplugStats:
     records_dropped: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    """Where and how to connect (from cfg.line.mqtt)."""
-
-    host: str
-    port: int
-    client_id: str
-    username: str | None = None
-    password: str | None = None
-    tls: MqttTls | None = None
-    keepalive_s: int = 15
-    reconnect_max_s: float = 2.0
-
-
 class _HostOfflineError(Exception):
     """The primary host went offline on this broker: NDEATH, disconnect, start over."""
 
 
 class _StopRequestedError(Exception):
     """stop() was called."""
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class SparkplugEdge:
@@ -252,7 +236,7 @@ class SparkplugEdge:
         outbox: Outbox | None = None,
         scan_period_s: float = 0.1,
         max_backlog: int = 100_000,
-        wall_ms: Callable[[], int] = _wall_ms,
+        wall_ms: Callable[[], int] = unix_ms,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node = node
@@ -310,16 +294,11 @@ class SparkplugEdge:
             line_status=status is not None,
         )
         path = bdseq_path or cfg.resolve(line.records.path).parent / "sparkplug-bdseq.json"
-        broker = BrokerSettings(
-            host=mq.host,
-            port=mq.port,
+        broker = BrokerSettings.from_config(
+            mq,
             # Its own client id: the JSON telemetry client may share the broker.
             client_id=f"{mq.client_id or 'linectl-' + line.line_id}-spb",
-            username=mq.username,
-            password=mq.password,
-            tls=cfg.mqtt_tls(),  # files relative to the configuration directory
-            keepalive_s=mq.keepalive_s,
-            reconnect_max_s=mq.reconnect_max_s,
+            resolve=cfg.resolve,  # TLS files relative to the configuration directory
         )
         return cls(
             node,
@@ -357,9 +336,10 @@ class SparkplugEdge:
 
     async def run(self) -> None:
         """Connect, birth, publish; reconnect when the broker goes; until stop()."""
-        backoff_s = 0.1
         advance = True  # the previous CONNECT was acknowledged (or there was none)
-        while not self._stop.is_set():
+
+        async def connection(connected: Callable[[], None]) -> None:
+            nonlocal advance
             if advance:
                 bd_seq = self.node.new_session()
                 if self.bdseq_file is not None:
@@ -367,58 +347,41 @@ class SparkplugEdge:
             else:
                 bd_seq = self.node.retry_session()
             advance = False
-            outcome = "lost"
             will_topic, will_payload = self.node.death(self.wall_ms())
             try:
                 will = aiomqtt.Will(will_topic, will_payload, 1, False)
                 async with entered(self._client(will)) as c:
                     advance = True
-                    backoff_s = 0.1
+                    connected()
                     self.stats.connects += 1
                     self.stats.connected = True
                     log.info("sparkplug: connected (bdSeq %d)", bd_seq)
                     outcome = await self._session(c)
                 if outcome == "host_offline":
                     log.warning("sparkplug: primary host offline: disconnected, starting over")
-            except aiomqtt.MqttError as exc:
-                log.warning("sparkplug: broker connection lost or refused: %s", exc)
             finally:
                 self.stats.connected = False
                 self.node.end_session()
-            if self._stop.is_set():
-                break
-            await wait_event(self._stop, backoff_s)
-            backoff_s = min(backoff_s * 2, self.broker.reconnect_max_s)
+
+        def lost(exc: Exception) -> None:
+            log.warning("sparkplug: broker connection lost or refused: %s", exc)
+
+        await reconnect_loop(
+            connection, Backoff(self.broker.reconnect_max_s), stop=self._stop, on_error=lost
+        )
 
     def _client(self, will: aiomqtt.Will) -> aiomqtt.Client:
-        b = self.broker
-        tls = None
-        if b.tls is not None:
-            tls = aiomqtt.TLSParameters(
-                ca_certs=b.tls.ca_file, certfile=b.tls.cert_file, keyfile=b.tls.key_file
-            )
-        return aiomqtt.Client(
-            b.host,
-            b.port,
-            username=b.username,
-            password=b.password,
-            identifier=b.client_id,
-            will=will,
-            clean_session=True,
-            keepalive=b.keepalive_s,
-            tls_params=tls,
-            tls_insecure=b.tls.insecure if b.tls is not None else None,
-            timeout=10.0,
-            # No Nagle delay on small publishes (see linectl/mqtt.py).
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        )
+        return make_client(self.broker, will=will, clean=True, timeout_s=10.0)
 
     async def _session(self, client: aiomqtt.Client) -> str:
         """Runs one connection: 'stop', 'host_offline', or raises MqttError (lost)."""
         node = self.node
         base = (node.group_id, node.edge_node_id)
-        await cancellable(client.subscribe(topic(base[0], "NCMD", base[1]), qos=1))
-        await cancellable(client.subscribe(f"spBv1.0/{base[0]}/DCMD/{base[1]}/+", qos=1))
+        # Retain-as-published (MQTT 5): a retained NCMD/DCMD is seen as retained even when
+        # it is published while we are connected, and refused (`_receive`).
+        protocol = self.broker.protocol
+        await subscribe_commands(client, topic(base[0], "NCMD", base[1]), protocol)
+        await subscribe_commands(client, f"spBv1.0/{base[0]}/DCMD/{base[1]}/+", protocol)
         if self._watch is not None:
             self._watch.reset()
             self._host_online.clear()

@@ -36,6 +36,7 @@ from linectl.core.ledger import MetreRecord
 from linectl.errors import ConfigError, LocalError
 from linectl.quality import Quality
 from linectl.sparkplug import sparkplug_b_pb2 as pb
+from linectl.telemetry import report_due
 
 NAMESPACE: Final = "spBv1.0"
 BDSEQ: Final = "bdSeq"
@@ -721,12 +722,17 @@ class EdgeNode:
             raise LocalError("DATA before NBIRTH/DBIRTH in this session")
 
     def _changed(self, key: tuple[str | None, str], r: Reading, now_s: float) -> bool:
+        # The MQTT live values' rule (linectl.telemetry.report_due), without a maximum
+        # age, on the values as Sparkplug carries them: None, NaN and inf are all null.
         last = self._sent.get(key)
-        if last is None or last.quality is not r.quality:
-            return True
-        if now_s - last.at_s < self.min_interval_s:
-            return False
-        return _moved(last.value, r.value, self.deadbands.get(key[1], 0.0))
+        return report_due(
+            None if last is None else (_nullable(last.value), last.quality, last.at_s),
+            _nullable(r.value),
+            r.quality,
+            now_s,
+            deadband=self.deadbands.get(key[1], 0.0),
+            min_interval_s=self.min_interval_s,
+        )
 
     def data(self, readings: Mapping[str, Reading], now_ms: int, now_s: float) -> list[Message]:
         """NDATA/DDATA with the metrics that changed since they were last sent (report by
@@ -913,16 +919,9 @@ class EdgeNode:
         return Execute(cmd)
 
 
-def _moved(old: Value, new: Value, band: float) -> bool:
-    if _is_null(old) or _is_null(new):
-        return _is_null(old) != _is_null(new)
-    if isinstance(old, bool | str) or isinstance(new, bool | str):
-        return old != new
-    if old is None or new is None:  # for mypy: _is_null covered both
-        return old != new
-    if band <= 0:
-        return old != new
-    return abs(float(new) - float(old)) > band
+def _nullable(value: Value) -> Value:
+    """`value`, or None when Sparkplug sends it as null (None, NaN, infinity)."""
+    return None if _is_null(value) else value
 
 
 def readings_from_status(status: object, t_ms: int) -> dict[str, Sample]:
