@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import json
 import logging
 import os
@@ -176,7 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=fmt,
     )
-    rcheck.add_argument("file", type=Path, metavar="FILE", help="recipe TOML file")
+    rcheck.add_argument(
+        "file",
+        type=Path,
+        metavar="NAME|FILE",
+        help="recipe name (file stem in the configuration's recipes_dir, as `run --recipe` "
+        "takes it) or recipe TOML file",
+    )
     rcheck.add_argument(
         "--config",
         type=Path,
@@ -513,9 +520,26 @@ def _check_recipes(loaded: LoadedConfig, out: TextIO) -> None:
         raise ConfigError("\n".join(errors))
 
 
+def _recipe_file(loaded: LoadedConfig, given: Path) -> Path:
+    """A recipe file as given, else by name in recipes_dir as `run --recipe` finds it; a
+    name that is neither lists the recipes there."""
+    if given.is_file():
+        return given
+    path = loaded.recipe_path(str(given))
+    if path.exists() or path != loaded.recipes_dir / f"{given}.toml":
+        return path  # a path (suffix or directory) that is missing: load_recipe says so
+    names = sorted(p.stem for p in loaded.recipes_dir.glob("*.toml"))
+    close = difflib.get_close_matches(str(given), names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(
+        f"recipe {str(given)!r}: no such file, and no recipe of that name in "
+        f"{loaded.recipes_dir}; {hint}available: {', '.join(names) or 'none'}"
+    )
+
+
 def _cmd_recipe_check(args: argparse.Namespace, out: TextIO) -> int:
     loaded = load_config(_config_dir(args.config))
-    path: Path = args.file
+    path = _recipe_file(loaded, args.file)
     recipe = load_recipe(path, loaded)
     ws = loaded.line.geometry.weight_sum
     v_max = recipe.max_speed_m_min(ws)
@@ -766,7 +790,12 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose + int(getattr(args, "log_info_by_default", False)))
     handler = cast(Callable[[argparse.Namespace, TextIO], int], args.handler)
     try:
-        return handler(args, sys.stdout)
+        code = handler(args, sys.stdout)
+        # A pipe closed meanwhile (`linectl run | tee log`, tee killed by the same Ctrl-C)
+        # shows here, after the handler did its work (for `run`: the safe stop), and not
+        # as an error in the interpreter's own final flush.
+        sys.stdout.flush()
+        return code
     except NoAnswerError as exc:
         print(f"linectl: error: {exc}", file=sys.stderr)
         return EXIT_NO_ANSWER

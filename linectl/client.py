@@ -330,6 +330,22 @@ def live_text(name: str, obj: Mapping[str, Any] | None, *, unit: bool = True) ->
     return text if quality == "good" else f"{text} [{quality}]"
 
 
+def reel_progress_text(position_m: float, planned_m: float | None) -> str:
+    """Where the reel stands: `at 25.0 m (25 %)`.
+
+    Past its planned length the reel is not done: its tail is still crossing the beam's
+    passes, so the counter runs on by up to the last pass's offset. That is said as it
+    is, never as a percentage above 100.
+    """
+    if planned_m is None or planned_m <= 0:
+        return f"at {position_m:.1f} m"
+    if position_m > planned_m:
+        return (
+            f"planned length reached, tail clearing the beam: {position_m:.1f} m of cable counted"
+        )
+    return f"at {position_m:.1f} m ({100.0 * position_m / planned_m:.0f} %)"
+
+
 # ---------------------------------------------------------------------- what the line says
 
 
@@ -501,9 +517,8 @@ class LineView:
             text += f", {planned:g} m planned"
         pos = self.live.get("reel_position_m", {}).get("value")
         if isinstance(pos, int | float) and not isinstance(pos, bool):
-            text += f", at {pos:.1f} m"
-            if isinstance(planned, int | float) and planned > 0:
-                text += f" ({100.0 * pos / planned:.0f} %)"
+            plan = planned if isinstance(planned, int | float) else None
+            text += f", {reel_progress_text(float(pos), plan)}"
         if not reel.get("started"):
             text += " (not started)"
         return text

@@ -300,12 +300,35 @@ def request_id_of(payload: bytes | str) -> str:
     return rid if isinstance(rid, str) and _ID_RE.fullmatch(rid) else ""
 
 
-def authorize_sender(identity: str, cfg: MqttConfig) -> str:
-    """'' when `identity` may send some command, else why not (no role): checked on the
-    topic alone, before the payload is read."""
+def authorize_sender(identity: str, cfg: MqttConfig, command: str | None = None) -> str:
+    """'' when `identity` may send some command, else why not (no role), and what to
+    configure so that it may (`command`, when known, picks a role that may send it):
+    checked on the topic alone, before the payload is read."""
     if role_of(identity, cfg) is None and not cfg.allow_anonymous_commands:
-        return f"identity {bounded(identity)!r} has no role"
+        hint = _role_hint(identity, cfg, command)
+        return f"identity {bounded(identity)!r} has no role: {hint}"
     return ""
+
+
+def _role_hint(identity: str, cfg: MqttConfig, command: str | None) -> str:
+    """What to add where so that `identity` gets a role: line.toml's [mqtt.identities],
+    with a role that may send `command` (or every command), 'operator' if it is one.
+    Bounded: an identity too long to quote whole is not repeated."""
+    where = "under [mqtt.identities] in line.toml"
+    if len(identity) > MAX_STORED_TEXT:
+        return f"give it a role {where}"
+    # A TOML basic string: JSON's escapes are TOML's (ensure_ascii keeps it printable).
+    key = json.dumps(identity)
+    roles = cfg.roles
+    if not roles:
+        return f'define a role under [mqtt.roles], then add {key} = "ROLE" {where}'
+    every = [r for r, allowed in roles.items() if "*" in allowed]
+    fits = [r for r, allowed in roles.items() if command is not None and command in allowed]
+    for candidates in (fits + every, every, list(roles)):
+        if candidates:
+            role = "operator" if "operator" in candidates else candidates[0]
+            break
+    return f"add {key} = {json.dumps(role)} {where}"
 
 
 def authorize(identity: str, command: Command | CommandName, cfg: MqttConfig) -> str:
@@ -317,7 +340,7 @@ def authorize(identity: str, command: Command | CommandName, cfg: MqttConfig) ->
     name = command.name if isinstance(command, Command) else command
     role = role_of(identity, cfg)
     if role is None:
-        return authorize_sender(identity, cfg)
+        return authorize_sender(identity, cfg, name.value)
     allowed = cfg.roles.get(role)
     if allowed is None:
         return f"role {role!r} (of {identity!r}) is not configured"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import os
 import re
@@ -725,11 +726,19 @@ def read_toml_bytes(path: Path) -> tuple[dict[str, Any], bytes]:
 
 
 def _parse_env_value(text: str) -> Any:
-    # TOML scalar syntax, so numbers and booleans keep their types; bare words stay strings.
+    # TOML value syntax, so numbers and booleans keep their types, `[...]` is a list and
+    # `{"op-1" = "operator"}` a table; a JSON array or object (`{"op-1": "operator"}`) is
+    # taken too; bare words stay strings.
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return text
+        pass
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            pass
+    return text
 
 
 def _is_text(annotation: Any) -> bool:
@@ -773,7 +782,10 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> lis
     Keys are lower-cased; `__` separates nesting levels (LINECTL_ACCELERATOR__HOST=10.0.0.5).
     A value is read by the type of its key, as pydantic-settings does: a text key (a host,
     a user name, a password) takes the value exactly as it is, so `123456` or `true` stays
-    that text; any other key takes TOML syntax (`6000`, `0.02`, `true`, `[0.5, 1.0]`).
+    that text; any other key takes TOML syntax (`6000`, `0.02`, `true`, `[0.5, 1.0]`). A
+    table key takes a whole table as a TOML inline table or a JSON object, which replaces
+    the file's table: LINECTL_MQTT__IDENTITIES='{"op-1" = "operator"}' gives a role to an
+    identity whose name no environment variable name can hold (`-`, `.`, upper case).
     Returns the dotted keys that were overridden. `LINECTL_CONFIG_DIR` is not an override.
     """
     applied = []

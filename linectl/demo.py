@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -69,6 +70,7 @@ def add_demo_parser(commands: Any) -> None:
 
 def demo_command(args: argparse.Namespace, out: TextIO) -> int:
     """Handler of `linectl demo`."""
+    check_demo_args(args)  # before the event loop, the broker or a simulator starts
     return asyncio.run(_demo(args, out))
 
 
@@ -85,10 +87,17 @@ def _live(out: TextIO, tty: bool) -> Any:
         spd = cnv.value("speed") if cnv else None
         pos = svc.ledger.position_m if svc.ledger else None
         plan = svc.ctl.reel.plan.planned_length_m if svc.ctl.reel else None
+        at = float(pos or 0)
+        # Past the planned length the tail is still crossing the beam: say so rather than
+        # a position beyond the plan.
+        where = (
+            f"tail clearing the beam, {at:7.1f} m counted"
+            if plan and at > plan
+            else f"position {at:7.1f}/{plan or 0:.0f} m"
+        )
         line = (
             f"{svc.ctl.state.value:9} speed {float(spd or 0):6.1f} m/min  "
-            f"beam {float(cur or 0):5.1f} mA  "
-            f"position {float(pos or 0):7.1f}/{plan or 0:.0f} m  "
+            f"beam {float(cur or 0):5.1f} mA  {where}  "
             f"recorded {svc.records_written:5d} m  alarms {len(svc.ctl.alarms)}"
         )
         out.write(("\r" + line) if tty else (line + "\n"))
@@ -170,10 +179,38 @@ async def _subscribe(mqtt: MqttConfig, line_id: str, got: _Received, ready: asyn
                 got.status.append(str(body.get("status")))
 
 
+MAX_ARC_RATE_PER_H = 3600.0
+"""--arc-rate above one arc a second would keep the beam from ever running."""
+
+
+def check_demo_args(args: argparse.Namespace) -> None:
+    """Refuse bad arguments before anything starts (LocalError: exit 2, one line)."""
+    if not (math.isfinite(args.length) and args.length > 0):
+        raise LocalError(f"--length must be a positive number of metres, not {args.length:g}")
+    if not (math.isfinite(args.arc_rate) and 0 <= args.arc_rate <= MAX_ARC_RATE_PER_H):
+        raise LocalError(
+            f"--arc-rate must be 0 to {MAX_ARC_RATE_PER_H:g} arcs per hour, not {args.arc_rate:g}"
+        )
+    if not 0 <= args.metrics_port <= 65535:
+        raise LocalError(
+            f"--metrics-port must be 0 (any free port) to 65535, not {args.metrics_port}"
+        )
+    if args.broker and not args.no_mqtt:
+        host, _, port_s = args.broker.rpartition(":")
+        if not host or not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+            raise LocalError(f"--broker: expected HOST:PORT (port 1 to 65535), not {args.broker!r}")
+    if args.out.exists() and not args.out.is_dir():
+        raise LocalError(f"--out {args.out}: exists and is not a directory")
+
+
 async def _demo(args: argparse.Namespace, out: TextIO) -> int:
+    check_demo_args(args)
     cfg = load_config(args.config or default_config_dir())
     recipe, recipe_path = select_recipe(cfg, args.recipe)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LocalError(f"--out {args.out}: cannot create: {exc.strerror}") from None
     async with contextlib.AsyncExitStack() as stack:
         mqtt: MqttConfig | None = None
         if not args.no_mqtt:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from linectl.config import default_config_dir, load_config
+from linectl.core.faults import name_fault_codes
 from linectl.core.ledger import Verdict
 from linectl.errors import EXIT_BAD_INPUT, EXIT_OK, LinectlError, LocalError
 from linectl.store import AuditEvent, RecordStore, ReelRecord, StoredMetre
@@ -385,13 +386,17 @@ def _max_step_s(recipe_json: str) -> float | None:
 
 
 def _event_json(e: AuditEvent) -> dict[str, Any]:
+    detail = e.detail
+    if isinstance(detail, dict) and isinstance(detail.get("cause"), str):
+        # Records made before fault codes were named say "accelerator fault code 7".
+        detail = {**detail, "cause": name_fault_codes(detail["cause"])}
     return {
         "t": e.t,
         "actor": e.actor,
         "action": e.action,
-        "detail": e.detail,
+        "detail": detail,
         "accepted": e.accepted,
-        "reason": e.reason,
+        "reason": name_fault_codes(e.reason) if e.reason else e.reason,
         "kind": event_kind(e.actor, e.action),
     }
 
@@ -492,7 +497,7 @@ def build_report(store: RecordStore, reel_id: str) -> dict[str, Any]:
             {
                 "id": a.id,
                 "kind": a.kind,
-                "message": a.message,
+                "message": name_fault_codes(a.message),
                 "raised_at": a.raised_at,
                 "acknowledged_at": a.acknowledged_at,
                 "acknowledged_by": a.acknowledged_by,

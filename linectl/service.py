@@ -420,7 +420,25 @@ class LineService:
             recipe, path = select_recipe(self.cfg, name)
             return PreparedRecipe(path.stem, recipe, recipe_hash(recipe, path)), path
 
-        prepared, path = await asyncio.to_thread(load)
+        try:
+            prepared, path = await asyncio.to_thread(load)
+        except (LocalError, OSError) as exc:
+            # The client gets the recipe it asked for and the ones it may choose from,
+            # never a path on this host; the daemon's log keeps the full story.
+            log.warning("recipe %r for %s: %s", name, cmd.name.value, exc)
+            recipes_dir = self.cfg.recipes_dir
+            available = await asyncio.to_thread(
+                lambda: sorted(p.stem for p in recipes_dir.glob("*.toml") if p.is_file())
+            )
+            shown = ", ".join(available[:20]) + (
+                f" and {len(available) - 20} more" if len(available) > 20 else ""
+            )
+            listing = f"available: {shown}" if available else "no recipe is available"
+            if name not in available:
+                raise LocalError(f"no recipe {name!r} on this line ({listing})") from None
+            why = str(exc).replace(str(self.cfg.recipe_path(name)), f"{name}.toml")
+            why = why.replace(str(recipes_dir), "recipes_dir")
+            raise LocalError(f"recipe {name!r} cannot be used: {why} ({listing})") from None
         self._recipe_paths[prepared.name] = path
         return prepared
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from linectl.config import PlcName, default_config_dir, load_config
-from linectl.errors import ConfigError
+from linectl.errors import ConfigError, LocalError
 from simulators.server import DROP_MODES, SimulatedLine
 
 log = logging.getLogger("simulators")
@@ -182,12 +185,47 @@ async def _inject(line: SimulatedLine, f: FaultSpec) -> None:
             raise AssertionError(f.kind)
 
 
+def check_port(host: str, port: int, option: str) -> None:
+    """LocalError naming the port when the simulator could not listen on it.
+
+    Checked before either server starts: pymodbus only says "Could not start listen".
+    """
+    if not 0 <= port <= 65535:
+        raise LocalError(f"{option} {port}: a port is 0 (any free port) to 65535")
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise LocalError(f"cannot listen on {host}:{port} ({option}): {exc.strerror}") from None
+    family, kind, proto, _name, address = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            if os.name == "posix":  # as asyncio's servers do: a TIME_WAIT port is free
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        hint = (
+            "another program (a simulator already running?) listens there"
+            if exc.errno == errno.EADDRINUSE
+            else exc.strerror
+        )
+        raise LocalError(
+            f"port {port} on {host} ({option}) is not free: {hint}; give another with "
+            f"{option} PORT, or 0 for any free port"
+        ) from None
+
+
 async def run(args: argparse.Namespace) -> int:
     """Run until a signal (or --duration); returns the exit code."""
     cfg = load_config(args.config or default_config_dir())
     acc_port = cfg.line.accelerator.port if args.acc_port is None else args.acc_port
     cnv_port = cfg.line.conveyor.port if args.cnv_port is None else args.cnv_port
     host = args.host or cfg.line.accelerator.host
+    if acc_port == cnv_port != 0:
+        raise LocalError(f"the accelerator and the conveyor cannot share port {acc_port}")
+    check_port(host, acc_port, "--acc-port")
+    check_port(host, cnv_port, "--cnv-port")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -249,8 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(level)
     try:
         return asyncio.run(run(args))
-    except ConfigError as exc:
+    except (ConfigError, LocalError) as exc:
         log.error("%s", exc)
+        return 2
+    except RuntimeError as exc:
+        if "listen" not in str(exc):  # pymodbus: "Could not start listen, ..."
+            raise
+        log.error("the simulators could not listen: a port was taken after the check")
         return 2
     except KeyboardInterrupt:
         return 0

@@ -136,7 +136,18 @@ CFG = MqttConfig(
         ("op-1", CommandName.RESET, "role 'operator' may not send reset"),
         ("boss", CommandName.SELECT_RECIPE, ""),
         ("eye", CommandName.STOP, "role 'viewer' may not send stop"),
-        ("stranger", CommandName.STOP, "identity 'stranger' has no role"),
+        (
+            "stranger",
+            CommandName.STOP,
+            "identity 'stranger' has no role: "
+            'add "stranger" = "operator" under [mqtt.identities] in line.toml',
+        ),
+        (
+            "stranger",
+            CommandName.RESET,
+            "identity 'stranger' has no role: "
+            'add "stranger" = "admin" under [mqtt.identities] in line.toml',
+        ),
         ("ghost", CommandName.STOP, "role 'nobody' (of 'ghost') is not configured"),
     ],
 )

@@ -566,3 +566,33 @@ def test_documented_plant_b_map_loads_and_decodes(tmp_path: Path) -> None:
 def test_a_file_given_as_the_directory_names_the_directory_to_give() -> None:
     with pytest.raises(ConfigError, match=r"line.toml: a file, not a configuration directory"):
         load_config(CONFIG_DIR / "line.toml", environ=NO_ENV)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '{"op-1" = "operator", "QE.Lead" = "operator"}',  # a TOML inline table
+        '{"op-1": "operator", "QE.Lead": "operator"}',  # a JSON object
+    ],
+)
+def test_env_whole_table_names_identities_no_env_name_can_hold(value: str) -> None:
+    # `op-1` cannot be an environment variable name's part, and names are lower-cased:
+    # the whole table in one variable replaces the file's [mqtt.identities].
+    loaded = load_config(CONFIG_DIR, environ={"LINECTL_MQTT__IDENTITIES": value})
+    assert loaded.line.mqtt.identities == {"op-1": "operator", "QE.Lead": "operator"}
+    assert loaded.overrides == ["mqtt.identities"]
+    # A per-key override still adds to it (applied after the whole table).
+    env = {"LINECTL_MQTT__IDENTITIES": value, "LINECTL_MQTT__IDENTITIES__BOB": "operator"}
+    identities = load_config(CONFIG_DIR, environ=env).line.mqtt.identities
+    assert identities == {"op-1": "operator", "QE.Lead": "operator", "bob": "operator"}
+    # An undefined role is refused as in the file.
+    bad = value.replace('"QE.Lead" = "operator"', '"QE.Lead" = "boss"').replace(
+        '"QE.Lead": "operator"', '"QE.Lead": "boss"'
+    )
+    with pytest.raises(ConfigError, match=r"identities\.QE\.Lead: role 'boss' is not defined"):
+        load_config(CONFIG_DIR, environ={"LINECTL_MQTT__IDENTITIES": bad})
+
+
+def test_env_table_key_with_no_table_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"mqtt\.identities.*valid dictionary"):
+        load_config(CONFIG_DIR, environ={"LINECTL_MQTT__IDENTITIES": "op-1=operator"})

@@ -348,9 +348,14 @@ INTERLOCKS = [
         "accelerator_fault",
         running_acc(fault=True, fault_code=2, beam_on=False, beam_current_ma=0.0),
         running_cnv(),
-        "accelerator fault code 2",
+        r"accelerator fault 2 \(high voltage\)",
     ),
-    ("conveyor_fault", running_acc(), running_cnv(fault=True, fault_code=1), "fault code 1"),
+    (
+        "conveyor_fault",
+        running_acc(),
+        running_cnv(fault=True, fault_code=1),
+        r"conveyor fault 1 \(drive\)",
+    ),
     (
         "estop",
         running_acc(),

@@ -36,6 +36,10 @@ from linectl.service import LineService, select_recipe
 from linectl.store import AuditEvent, RecordStore
 from linectl.telemetry import Topics
 
+NO_ROLE = (
+    "identity 'stranger' has no role: "
+    'add "stranger" = "operator" under [mqtt.identities] in line.toml'
+)
 ROLES = {"operator": ["*"], "viewer": [], "ghost-role-holder": ["stop"]}
 IDENTITIES = {"op-1": "operator", "eye": "viewer", "ghost": "nobody"}
 
@@ -113,12 +117,12 @@ async def test_unauthorized_senders_are_refused_and_audited(tmp_path: Path) -> N
         assert effects(svc) == before
     assert [(a.ack, a.reason, a.request_id) for a in answers] == [
         (False, "role 'viewer' may not send stop", "v1"),
-        (False, "identity 'stranger' has no role", "s1"),
+        (False, NO_ROLE, "s1"),
         (False, "role 'nobody' (of 'ghost') is not configured", "g1"),
     ]
     assert [(e.actor, e.action, e.accepted, e.reason) for e in audit(tmp_path)] == [
         ("eye", "stop", False, "role 'viewer' may not send stop"),
-        ("stranger", "start_reel", False, "identity 'stranger' has no role"),
+        ("stranger", "start_reel", False, NO_ROLE),
         ("ghost", "reset", False, "role 'nobody' (of 'ghost') is not configured"),
     ]
 
@@ -133,7 +137,7 @@ async def test_unknown_sender_is_refused_unless_anonymous_commands_are_allowed(
         opened = await svc.execute(START)
         # A known identity keeps its role's limits even then.
         viewer = await svc.execute(Command(CommandName.STOP, "eye"))
-    assert closed.reason == "identity 'stranger' has no role"
+    assert closed.reason == NO_ROLE
     # Past authorization, the controller still decides (and refuses: no PLC data).
     assert not opened.ack
     assert opened.reason.startswith("cannot start in state offline")

@@ -29,6 +29,7 @@ from typing import Final, Literal, get_args
 
 from linectl import dose
 from linectl.config import ControlTuning, Geometry, Recipe
+from linectl.core.faults import fault_text
 
 
 class LineState(enum.Enum):
@@ -178,6 +179,17 @@ ACC_WATCHDOG_FAULT_CODE = 7
 """The accelerator's fault code for a watchdog trip (plc-interface.md)."""
 CNV_WATCHDOG_FAULT_CODE = 5
 """The conveyor's fault code for a watchdog trip."""
+
+
+def unfinished_reel_message(reel_id: str, planned_length_m: float) -> str:
+    """Why another reel cannot start while `reel_id` is unfinished, and the two ways on:
+    the commands (MQTT) and their CLI spelling (docs/cli.md)."""
+    length = f"{planned_length_m:.10g}"
+    return (
+        f"reel {reel_id} is not finished: resume it (start_reel with reel_id {reel_id} and "
+        f"length_m {length}: linectl reel start {reel_id} --length {length}) or close it "
+        f"(end_reel with a reason: linectl reel end {reel_id} --reason TEXT) first"
+    )
 
 
 def watchdog_trips_only(acc: AccView, cnv: CnvView) -> bool:
@@ -359,7 +371,7 @@ class Controller:
         if self.reel is not None and not self.reel.complete:
             if self.reel.plan.reel_id != plan.reel_id:
                 raise CommandRefused(
-                    f"reel {self.reel.plan.reel_id} is not finished; resume it or close it first"
+                    unfinished_reel_message(self.reel.plan.reel_id, self.reel.plan.planned_length_m)
                 )
         else:
             self.reel = _Reel(plan)
@@ -529,9 +541,9 @@ class Controller:
             trips.append(("cable_break", "cable break"))
         if cnv.fault:
             # In any state: a fault latched while IDLE is an alarm an operator can reset.
-            trips.append(("conveyor_fault", f"conveyor fault code {cnv.fault_code}"))
+            trips.append(("conveyor_fault", fault_text("conveyor", cnv.fault_code)))
         if acc.fault and (active or acc.fault_code not in (0,)):
-            trips.append(("accelerator_fault", f"accelerator fault code {acc.fault_code}"))
+            trips.append(("accelerator_fault", fault_text("accelerator", acc.fault_code)))
         if not acc.safety_ok and (active or beam_is_on):
             trips.append(("safety_chain", "personnel safety chain open"))
         hv_expected = self._out.hv_on and (
@@ -592,11 +604,11 @@ class Controller:
         if not acc.safety_ok:
             reasons.append("safety chain open")
         if acc.fault:
-            reasons.append(f"accelerator fault {acc.fault_code}")
+            reasons.append(fault_text("accelerator", acc.fault_code))
         if not cnv.ready:
             reasons.append("conveyor not READY")
         if cnv.fault:
-            reasons.append(f"conveyor fault {cnv.fault_code}")
+            reasons.append(fault_text("conveyor", cnv.fault_code))
         if cnv.estop:
             reasons.append("e-stop")
         if not conveyor_at_standstill(cnv):

@@ -724,7 +724,7 @@ class Line:
             plan = ReelPlan(req.reel_id, req.length_m, req.operator)
             try:
                 try:
-                    resuming = self._check_reel_id(req.reel_id)  # as start_reel is checked
+                    resuming = self._check_reel_id(req.reel_id, req.length_m)  # as start_reel
                 except CommandRefused:
                     if self.exit_when_done:
                         self._stop_service = True
@@ -806,19 +806,30 @@ class Line:
             self._resume_request = "" if actor == "controller" else actor
         self._fault_stopped = None
 
-    def _check_reel_id(self, reel_id: str) -> bool:
+    def _check_reel_id(self, reel_id: str, length_m: float) -> bool:
         """Whether starting `reel_id` resumes the unfinished reel; CommandRefused when
-        the id is taken otherwise (in this run or in the records: an id is used once)."""
+        the id is taken otherwise (in this run or in the records: an id is used once),
+        or when it resumes the unfinished reel with another planned length (the reel
+        keeps the length it was opened with: its records and its end depend on it)."""
         reel = self.ctl.reel
         resuming = reel is not None and not reel.complete and reel.plan.reel_id == reel_id
         if not resuming and reel_id in self.opened_reels:
             raise CommandRefused(f"reel {reel_id!r} exists already: a reel id is used once")
+        if reel is not None and resuming:
+            planned = reel.plan.planned_length_m
+            if not math.isclose(length_m, planned, rel_tol=1e-9, abs_tol=1e-6):
+                raise CommandRefused(
+                    f"reel {reel_id!r} is unfinished with a planned length of {planned:.10g} m, "
+                    f"not {length_m:.10g} m: resume it with length {planned:.10g} m "
+                    f"(linectl reel start {reel_id} --length {planned:.10g}), or end it "
+                    f"(linectl reel end {reel_id} --reason TEXT) and start a new reel"
+                )
         return resuming
 
     def _cmd_start(self, cmd: Command, recipe: PreparedRecipe | None) -> None:
         if cmd.reel_id is None or cmd.length_m is None:  # a Command not from parse_command
             raise CommandRefused("start_reel needs reel_id and length_m")
-        resuming = self._check_reel_id(cmd.reel_id)
+        resuming = self._check_reel_id(cmd.reel_id, cmd.length_m)
         if self.ctl.state is not LineState.READY:
             # Checked before the recipe changes, so that a refused start changes nothing.
             why = self.ctl.why_not_ready()
