@@ -1,10 +1,13 @@
-"""What the benchmarks share: percentiles as they report them."""
+"""What the benchmarks share: percentiles as they report them, and the host facts
+that end every result."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -14,6 +17,17 @@ def pct(xs: list[float], q: float) -> float:
     if not a:
         return math.nan
     return a[min(len(a) - 1, max(0, math.ceil(q / 100.0 * len(a)) - 1))]
+
+
+def host_facts(load_start: object, t0: float) -> dict[str, object]:
+    """The load average at the start (as measured then) and now, the CPUs, and the run's
+    wall time from `t0` (time.monotonic()): what every benchmark's result ends with."""
+    return {
+        "load_avg_start": load_start,
+        "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+        "cpus": os.cpu_count(),
+        "took_s": round(time.monotonic() - t0, 1),
+    }
 
 
 def code_version(root: Path | None = None) -> dict[str, object]:

@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the broker and the compact line are t
 sys.path.insert(0, str(ROOT / "bench"))  # benchlib, the simulator process
 
 import e2e_scenarios as sc  # noqa: E402
-from benchlib import pct  # noqa: E402
+from benchlib import host_facts, pct  # noqa: E402
 from broker import TestBroker  # noqa: E402
 from control_cycle import SimProcess  # noqa: E402
 
@@ -720,10 +720,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_s": args.warmup_s,
             "settle_s": args.settle_s,
             "line": "separate process for simulators and clients; line + bridge here",
-            "load_avg_start": load_start,
-            "load_avg_end": [round(x, 2) for x in os.getloadavg()],
-            "cpus": os.cpu_count(),
-            "took_s": round(time.monotonic() - t0, 1),
+            **host_facts(load_start, t0),
         }
     )
     goals = judge(res)

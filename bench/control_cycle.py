@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the compact line is the tests'
 sys.path.insert(0, str(ROOT / "bench"))  # benchlib
 
 import e2e_scenarios as sc  # noqa: E402
-from benchlib import pct  # noqa: E402
+from benchlib import host_facts, pct  # noqa: E402
 
 from linectl.config import LineConfig, LoadedConfig, Recipe, load_config  # noqa: E402
 from linectl.core.control import LineState  # noqa: E402
@@ -501,10 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_round": args.seconds,
             "baseline_s": args.baseline_s,
             "sim": "separate process (python -m simulators)",
-            "load_avg_start": load_start,
-            "load_avg_end": [round(x, 2) for x in os.getloadavg()],
-            "cpus": os.cpu_count(),
-            "took_s": round(time.monotonic() - t0, 1),
+            **host_facts(load_start, t0),
         }
     )
     goals = print_table(res)

@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the compact line is the tests'
 sys.path.insert(0, str(ROOT / "bench"))  # benchlib, control_cycle
 
 import e2e_scenarios as sc  # noqa: E402
-from benchlib import code_version  # noqa: E402
+from benchlib import code_version, host_facts  # noqa: E402
 from control_cycle import (  # noqa: E402
     SimProcess,
     proc_cpu_s,
@@ -489,12 +489,9 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": args.seconds,
             "settle_s": args.settle_s,
             "sim": "separate process (python -m simulators), fresh for each phase",
-            "load_avg_start": load_start,
-            "load_avg_end": [round(x, 2) for x in os.getloadavg()],
-            "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
             "code": code,
-            "took_s": round(time.monotonic() - t0, 1),
+            **host_facts(load_start, t0),
         }
     )
     print_table(res)

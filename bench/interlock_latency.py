@@ -67,7 +67,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the compact line is the tests'
 sys.path.insert(0, str(ROOT / "bench"))  # the rate parser is control_cycle's
 
 import e2e_scenarios as sc  # noqa: E402
-from benchlib import pct  # noqa: E402
+from benchlib import host_facts, pct  # noqa: E402
 from control_cycle import parse_rates  # noqa: E402
 
 from linectl import codec  # noqa: E402
@@ -598,10 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "trials_per_rate": args.trials,
             "goal": "p99 <= 2 cycles + 10 ms",
-            "load_avg_start": load_start,
-            "load_avg_end": [round(x, 2) for x in os.getloadavg()],
-            "cpus": os.cpu_count(),
-            "took_s": round(time.monotonic() - t0, 1),
+            **host_facts(load_start, t0),
         }
     )
     print_table(res)

@@ -72,7 +72,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the compact line is the tests'
 sys.path.insert(0, str(ROOT / "bench"))  # benchlib, interlock_latency
 
 import e2e_scenarios as sc  # noqa: E402
-from benchlib import pct  # noqa: E402
+from benchlib import host_facts, pct  # noqa: E402
 from interlock_latency import (  # noqa: E402
     BeamOffProbe,
     _quiet,
@@ -626,10 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     res.update(
         {
             "trials_per_mode": args.trials,
-            "load_avg_start": load_start,
-            "load_avg_end": [round(x, 2) for x in os.getloadavg()],
-            "cpus": os.cpu_count(),
-            "took_s": round(time.monotonic() - t_start, 1),
+            **host_facts(load_start, t_start),
         }
     )
     print_table(res)

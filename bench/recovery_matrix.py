@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT / "bench"))  # restart_scrap
 
 import e2e_scenarios as sc  # noqa: E402
 import restart_scrap as rs  # noqa: E402
-from benchlib import code_version  # noqa: E402
+from benchlib import code_version, host_facts  # noqa: E402
 
 from linectl.commands import Command, CommandName  # noqa: E402
 from linectl.config import LoadedConfig  # noqa: E402
@@ -658,11 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         "not_as_expected": [r.name for r in rows if r.met is False],
         "not_driven": [r.name for r in rows if not r.driven],
         "errors": [f"{r.name}: {r.error}" for r in rows if r.error],
-        "load_avg_start": load_start,
-        "load_avg_end": [round(x, 2) for x in os.getloadavg()],
-        "cpus": os.cpu_count(),
         "code": code,
-        "took_s": round(time.monotonic() - t0, 1),
+        **host_facts(load_start, t0),
     }
     print(table)
     print(

@@ -59,8 +59,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the compact line is the tests'
+sys.path.insert(0, str(ROOT / "bench"))  # benchlib
 
 import e2e_scenarios as sc  # noqa: E402
+from benchlib import host_facts  # noqa: E402
 
 from linectl.config import LoadedConfig, load_config  # noqa: E402
 from linectl.core.ledger import Verdict  # noqa: E402
@@ -690,10 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         "trials": trials,
         "false_accepts": sum(t.get("false_accepts", 0) for t in trials),
         "errors": [f"{t['mode']}: {t['error']}" for t in trials if t["error"]],
-        "load_avg_start": load_start,
-        "load_avg_end": [round(x, 2) for x in os.getloadavg()],
-        "cpus": os.cpu_count(),
-        "took_s": round(time.monotonic() - t_start, 1),
+        **host_facts(load_start, t_start),
     }
     print(
         "\nnot in spec: "

@@ -173,14 +173,10 @@ class Topics:
         return parts[0], parts[1]
 
     def parse_cmd(self, topic: str) -> tuple[str, str] | None:
-        """(command, sender) of a command topic, None for any other topic."""
-        head = f"{self.base}/cmd/"
-        if not topic.startswith(head):
-            return None
-        parts = topic[len(head) :].split("/")
-        if len(parts) != 2 or not all(parts):
-            return None
-        return parts[0], parts[1]
+        """(command, sender) of a command topic with both levels set, None for any other
+        topic."""
+        levels = self.parse_cmd_levels(topic)
+        return levels if levels is not None and all(levels) else None
 
 
 # ---------------------------------------------------------------------- payloads

@@ -323,20 +323,24 @@ def test_survives_sigkill(tmp_path: Path) -> None:
 # ------------------------------------------------------------- a locked or damaged database
 
 
+DB_LOCKER = (
+    "import sqlite3, sys\n"
+    "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+    "db.execute('BEGIN EXCLUSIVE')\n"
+    "print('locked', flush=True)\n"
+    "sys.stdin.read()\n"
+    "db.execute('ROLLBACK')\n"
+)
+"""A script (`python -c DB_LOCKER PATH`) that holds PATH's write lock, prints "locked",
+and lets go when its stdin closes: another process keeping the record database locked."""
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[subprocess.Popen[str]]:
     """Another process holding the database's write lock (BEGIN EXCLUSIVE) until the end
     of the block."""
-    code = (
-        "import sqlite3, sys\n"
-        "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-        "db.execute('BEGIN EXCLUSIVE')\n"
-        "print('locked', flush=True)\n"
-        "sys.stdin.read()\n"
-        "db.execute('ROLLBACK')\n"
-    )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(path)],
+        [sys.executable, "-c", DB_LOCKER, str(path)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 from e2e_scenarios import TRUE_K, compact_config, count_metres, start_counter, wait_for
+from test_store import DB_LOCKER
 
 from linectl.config import load_config
 from linectl.core.ledger import Verdict
@@ -28,15 +29,6 @@ from linectl.store import RecordStore
 from simulators.server import SimulatedLine
 
 pytestmark = pytest.mark.slow
-
-LOCKER = (
-    "import sqlite3, sys\n"
-    "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-    "db.execute('BEGIN EXCLUSIVE')\n"
-    "print('locked', flush=True)\n"
-    "sys.stdin.read()\n"
-    "db.execute('ROLLBACK')\n"
-)
 
 
 async def test_sigterm_with_the_records_locked_exits_promptly_and_loses_no_metre(
@@ -75,7 +67,7 @@ async def test_sigterm_with_the_records_locked_exits_promptly_and_loses_no_metre
             sim.plant.start_reel(counter)
             await wait_for(lambda: count_metres(db, "LOCKED") >= 5, 60.0, "5 metres")
             locker = subprocess.Popen(  # noqa: ASYNC220 - a helper that only holds a lock
-                [sys.executable, "-c", LOCKER, str(db)],
+                [sys.executable, "-c", DB_LOCKER, str(db)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
