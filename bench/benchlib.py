@@ -56,3 +56,14 @@ def code_version(root: Path | None = None) -> dict[str, object]:
         "modified_tracked_files": len(modified),
         "code_sha256": h.hexdigest()[:16],
     }
+
+
+def host_cpu_s() -> float | None:
+    """CPU seconds the whole host has been busy (all cores, /proc/stat); None without it."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")

@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the compact line is the tests'
 sys.path.insert(0, str(ROOT / "bench"))  # benchlib, control_cycle
 
 import e2e_scenarios as sc  # noqa: E402
-from benchlib import code_version, host_facts  # noqa: E402
+from benchlib import code_version, host_cpu_s, host_facts  # noqa: E402
 from control_cycle import (  # noqa: E402
     SimProcess,
     proc_cpu_s,
@@ -77,17 +77,6 @@ def cpu_s() -> tuple[float, float]:
     """(user, system) CPU seconds of this process, all its threads."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime, ru.ru_stime
-
-
-def host_cpu_s() -> float | None:
-    """CPU seconds the whole host has been busy (all cores, /proc/stat); None without it."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    ticks = [int(x) for x in fields]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 class Window:

@@ -1,9 +1,11 @@
 """Command line: `linectl config|recipe|probe|sim|run|report|demo|status|reel|alarms|reset|watch`.
 
-Wiring only: every check lives in linectl.config, the daemon's client in linectl.client;
-this module loads, prints and maps errors to exit codes (0 ok, 1 not done, 2 bad input
-or configuration, 3 command refused (NAK), 4 no answer from the line, 5 broker
-unreachable, 130 interrupted). Every command is described in docs/cli.md.
+Wiring only: every check lives in linectl.config, the daemon's client in linectl.client
+(MQTT, and the rendering) and linectl.webclient (the HTTP API, used when the
+configuration has no broker and [http] enabled); this module loads, prints and maps
+errors to exit codes (0 ok, 1 not done, 2 bad input or configuration, 3 command refused
+(NAK), 4 no answer from the line, 5 broker unreachable, 130 interrupted). Every command
+is described in docs/cli.md.
 linectl is process protection only: it never replaces the plant's personnel-safety
 system or its hardwired beam inhibit.
 """
@@ -14,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import difflib
+import getpass
 import json
 import logging
 import os
@@ -26,6 +29,7 @@ from typing import Any, TextIO, cast
 from linectl import __version__
 from linectl.client import (
     DEFAULT_TIMEOUT_S,
+    Answer,
     BrokerError,
     ClientSettings,
     LineClient,
@@ -34,13 +38,16 @@ from linectl.client import (
     client_settings,
     command_payload,
     describe_answer,
+    hmi_view,
     new_request_id,
     not_online_text,
+    read_answer,
     read_line,
     send_command,
     watch,
+    watch_hmi,
 )
-from linectl.commands import CommandName
+from linectl.commands import CommandName, check_value
 from linectl.config import (
     LoadedConfig,
     RegisterMap,
@@ -66,6 +73,15 @@ from linectl.errors import (
 )
 from linectl.probe import add_probe_parser
 from linectl.report import add_report_parser
+from linectl.web.auth import hash_password
+from linectl.webclient import (
+    ApiSession,
+    HttpApiError,
+    HttpTarget,
+    follow,
+    http_target,
+    read_password,
+)
 
 log = logging.getLogger("linectl.cli")
 
@@ -77,10 +93,11 @@ _EPILOG = """\
 configuration directory: --config/DIR, else $LINECTL_CONFIG_DIR, else ./config.
 environment overrides of line.toml: LINECTL_<SECTION>__<KEY>=value,
   e.g. LINECTL_ACCELERATOR__PORT=6000 or LINECTL_CYCLE_PERIOD_S=0.02.
-exit codes: 0 ok, 1 not implemented, 2 invalid input or configuration,
-  3 the line refused the command (NAK, reason printed), 4 no answer from the line
-  (no daemon on the broker, or its status says offline), 5 MQTT broker unreachable or
-  refusing us, 130 interrupted (Ctrl-C; `watch` exits 0). See docs/cli.md.
+exit codes: 0 ok, 1 not implemented, 2 invalid input or configuration (for the HTTP
+  API also a wrong user or password), 3 the line refused the command (NAK, reason
+  printed), 4 no answer from the line (no daemon on the broker or at the HTTP API, or
+  its status says offline), 5 MQTT broker unreachable or refusing us, 130 interrupted
+  (Ctrl-C; `watch` exits 0). See docs/cli.md.
 
 linectl is process protection only. It never replaces the plant's personnel-safety
 system or its hardwired beam inhibit.
@@ -192,6 +209,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rcheck.set_defaults(handler=_cmd_recipe_check)
 
+    # http ------------------------------------------------------------------------
+    http = commands.add_parser(
+        "http",
+        help="the HMI's users: hash a password for [http.users] in line.toml",
+        description="Tools for the HMI server ([http] in line.toml, docs/hmi.md).",
+    )
+    http_cmds = http.add_subparsers(dest="http_command", metavar="ACTION")
+    http_cmds.required = True
+    hashpw = http_cmds.add_parser(
+        "hash-password",
+        help="read a password and print its scrypt hash for [http.users]",
+        description=(
+            "Read a password (asked twice on a terminal; one line from standard input "
+            "otherwise) and print the line to put under [http.users.NAME] in line.toml. "
+            "The password itself is never stored or printed."
+        ),
+        epilog="example: linectl http hash-password --user alice >> line.toml.snippet",
+        formatter_class=fmt,
+    )
+    hashpw.add_argument(
+        "--user",
+        metavar="NAME",
+        help="print a whole [http.users.NAME] table (role operator) instead of one key",
+    )
+    hashpw.set_defaults(handler=_cmd_http_hash_password)
+
     # sim (arguments pass through untouched; see main) --------------------------
     sim = commands.add_parser(
         "sim",
@@ -208,20 +251,28 @@ def build_parser() -> argparse.ArgumentParser:
     # probe: commissioning reads (and, with --active, writes) straight to the PLCs.
     add_probe_parser(commands)
 
-    # the running daemon's client, through the MQTT broker ----------------------------
+    # the running daemon's client, through the MQTT broker or the HTTP API -------------
     _add_client_parsers(commands, recipe_cmds)
     return parser
 
 
 _CLIENT_EPILOG = """\
-The line's daemon (`linectl run` with [mqtt] enabled = true) is reached through the
-MQTT broker named in line.toml's [mqtt] section (host, port, TLS, username, password;
-LINECTL_MQTT__USERNAME / LINECTL_MQTT__PASSWORD override them, --broker the address).
-The sender is your identity in command topics: --sender, else the MQTT user name, else
-your login name; the line's [mqtt.identities] and [mqtt.roles] decide what it may send.
+With [mqtt] enabled = true in line.toml (or --broker), the line's daemon is reached
+through the MQTT broker named in its [mqtt] section (host, port, TLS, username,
+password; LINECTL_MQTT__USERNAME / LINECTL_MQTT__PASSWORD override them, --broker the
+address). The sender is your identity in command topics: --sender, else the MQTT user
+name, else your login name; the line's [mqtt.identities] and [mqtt.roles] decide what
+it may send.
 
-exit codes: 0 ok, 2 invalid input (nothing sent), 3 refused by the line (NAK, reason
-printed), 4 no answer from the line (or, for status/alarms, it is offline), 5 MQTT
+With [mqtt] enabled = false and [http] enabled = true, it is reached through the
+daemon's HTTP API ([http] host, port; HTTPS when tls_cert_file is set): you log in as
+--user (default: --sender, else [mqtt] username), a user of [http.users], with the
+password asked on the terminal or read from --password-file; your role decides what
+you may send.
+
+exit codes: 0 ok, 2 invalid input (nothing sent; over HTTP also a wrong user or
+password), 3 refused by the line (NAK, reason printed), 4 no answer from the line (or,
+for status/alarms, it is offline; over HTTP: its API cannot be reached), 5 MQTT
 broker unreachable or refusing us, 130 interrupted. See docs/cli.md.
 """
 
@@ -248,13 +299,14 @@ def _client_options(*, sender: bool = True, json_out: bool = True) -> argparse.A
         "--config",
         type=Path,
         metavar="DIR",
-        help="configuration directory whose line.toml names the line and its broker "
-        "(default: $LINECTL_CONFIG_DIR or ./config)",
+        help="configuration directory whose line.toml names the line and its broker or "
+        "HTTP API (default: $LINECTL_CONFIG_DIR or ./config)",
     )
     common.add_argument(
         "--broker",
         metavar="HOST[:PORT]",
-        help="MQTT broker address instead of [mqtt] host and port ([IPv6]:PORT for IPv6)",
+        help="MQTT broker address instead of [mqtt] host and port ([IPv6]:PORT for IPv6); "
+        "talk MQTT even with [mqtt] enabled = false",
     )
     if sender:
         common.add_argument(
@@ -268,13 +320,36 @@ def _client_options(*, sender: bool = True, json_out: bool = True) -> argparse.A
         type=_positive,
         default=DEFAULT_TIMEOUT_S,
         metavar="S",
-        help=f"seconds to wait for the broker and the line (default {DEFAULT_TIMEOUT_S:g})",
+        help="seconds to wait for the broker (or the HTTP API) and the line "
+        f"(default {DEFAULT_TIMEOUT_S:g})",
+    )
+    http = common.add_argument_group(
+        "the HTTP API (when line.toml has [mqtt] enabled = false and [http] enabled = true)"
+    )
+    http.add_argument(
+        "--user",
+        metavar="NAME",
+        help="your user of the daemon's [http.users] (default: --sender, else [mqtt] username)",
+    )
+    http.add_argument(
+        "--password-file",
+        type=Path,
+        metavar="FILE",
+        help="read the password from FILE's first line ('-': standard input) instead of "
+        "asking on the terminal",
+    )
+    http.add_argument(
+        "--cafile",
+        type=Path,
+        metavar="FILE",
+        help="trust this CA (or self-signed certificate) for HTTPS instead of the system's",
     )
     if json_out:
         common.add_argument(
             "--json",
             action="store_true",
-            help="print what the line published (state, alarms or the answer) as JSON",
+            help="print what the line published (state, alarms or the answer) as JSON; over "
+            "HTTP, the state document of GET /api/state",
         )
     return common
 
@@ -306,11 +381,12 @@ def _add_client_parsers(commands: Any, recipe_cmds: Any) -> None:
         reader,
         help="show the running line's state, reel, recipe, alarms and live values",
         description=(
-            "Show what the line's daemon last published on its retained MQTT topics: "
-            "online or offline, the line state and why, the reel and how far it is, the "
-            "recipe, the active alarms and the live values with their quality. Exit 0 when "
-            "the daemon is online; exit 4 when it is offline (its last known state is "
-            "printed) or has never published on this broker."
+            "Show what the line's daemon last published on its retained MQTT topics (or, "
+            "over HTTP, its state document now): online or offline, the line state and "
+            "why, the reel and how far it is, the recipe, the active alarms and the live "
+            "values with their quality. Exit 0 when the daemon is online; exit 4 when it is "
+            "offline (its last known state is printed), has never published on this "
+            "broker, or its HTTP API cannot be reached."
         ),
     )
     status.set_defaults(handler=_cmd_status)
@@ -439,9 +515,10 @@ def _add_client_parsers(commands: Any, recipe_cmds: Any) -> None:
         help="follow the running line live: state, alarms, values, metres",
         description=(
             "Follow the line live: status, state, alarms, live values, completed metres, "
-            "reel and alarm events. On a terminal a compact screen is redrawn in place; "
-            "otherwise (a pipe, a file) one line is printed per update. A lost broker is "
-            "shown and reconnected to. Ctrl-C ends it (exit 0)."
+            "reel and alarm events (over HTTP: the HMI's live feed). On a terminal a "
+            "compact screen is redrawn in place; otherwise (a pipe, a file) one line is "
+            "printed per update. A lost broker or feed is shown and reconnected to. Ctrl-C "
+            "ends it (exit 0)."
         ),
     )
     watch_p.add_argument(
@@ -619,9 +696,79 @@ def _cmd_sim(args: argparse.Namespace, out: TextIO) -> int:
 # --------------------------------------------------------------------------- client
 
 
-def _settings(args: argparse.Namespace) -> ClientSettings:
-    loaded = load_config(_config_dir(args.config))
+def _settings(args: argparse.Namespace, loaded: LoadedConfig | None = None) -> ClientSettings:
+    loaded = loaded or load_config(_config_dir(args.config))
     return client_settings(loaded, broker=args.broker, sender=getattr(args, "sender", None))
+
+
+_HTTP_OPTIONS = (("--user", "user"), ("--password-file", "password_file"), ("--cafile", "cafile"))
+
+
+def _http(args: argparse.Namespace) -> tuple[LoadedConfig, HttpTarget | None]:
+    """The configuration, and the line's HTTP API when the client uses it: with no
+    broker (neither --broker nor [mqtt] enabled = true) and [http] enabled = true.
+    LocalError when neither way to the line is enabled."""
+    loaded = load_config(_config_dir(args.config))
+    line = loaded.line
+    if args.broker is not None or line.mqtt.enabled:
+        given = [opt for opt, key in _HTTP_OPTIONS if getattr(args, key) is not None]
+        if given:
+            how = "--broker" if args.broker is not None else "[mqtt] enabled = true in line.toml"
+            raise LocalError(
+                f"{', '.join(given)}: only for the line's HTTP API, but this client reaches "
+                f"the line through the MQTT broker ({how}); LINECTL_MQTT__ENABLED=false "
+                "uses the HTTP API ([http] enabled = true)"
+            )
+        return loaded, None
+    if not line.http.enabled:
+        raise LocalError(
+            f"no way to reach the line: {loaded.directory / 'line.toml'} has [mqtt] "
+            "enabled = false and [http] enabled = false. The client talks to `linectl run` "
+            "through its HTTP API or through an MQTT broker: set [http] enabled = true "
+            "(with [http.users]; or LINECTL_HTTP__ENABLED=true here) or [mqtt] enabled = "
+            "true, as the daemon has it, or give --broker HOST[:PORT]"
+        )
+    target = http_target(
+        loaded, user=args.user, sender=getattr(args, "sender", None), cafile=args.cafile
+    )
+    return loaded, target
+
+
+def _http_settings(target: HttpTarget) -> ClientSettings:
+    """What the renderings of linectl.client need: the line and where it is."""
+    return ClientSettings(
+        target.line_id, target.host, target.port, address=target.url, mqtt_enabled=False
+    )
+
+
+def _other_line(target: HttpTarget, api: ApiSession) -> None:
+    if api.line_id and api.line_id != target.line_id:
+        print(
+            f"linectl: note: the HTTP API at {target.url} serves line {api.line_id}, not "
+            f"{target.line_id} as this configuration says",
+            file=sys.stderr,
+        )
+
+
+def _read_http(args: argparse.Namespace, out: TextIO, target: HttpTarget, alarms: bool) -> int:
+    password = read_password(target, args.password_file)
+
+    async def get() -> dict[str, Any]:
+        async with ApiSession(target, password, timeout_s=args.timeout) as api:
+            _other_line(target, api)
+            return await api.state()
+
+    doc = asyncio.run(get())
+    if args.json:
+        json.dump(doc, out, indent=2, sort_keys=True)
+        out.write("\n")
+    else:
+        settings = _http_settings(target)
+        view = hmi_view(settings, doc)
+        lines = view.alarm_lines(settings) if alarms else view.status_lines(settings)
+        out.write("\n".join(lines) + "\n")
+    out.flush()
+    return EXIT_OK
 
 
 def _view_json(settings: ClientSettings, view: LineView) -> dict[str, Any]:
@@ -636,7 +783,10 @@ def _view_json(settings: ClientSettings, view: LineView) -> dict[str, Any]:
 
 
 def _read(args: argparse.Namespace, out: TextIO, need: set[str], alarms: bool) -> int:
-    settings = _settings(args)
+    loaded, target = _http(args)
+    if target is not None:
+        return _read_http(args, out, target, alarms)
+    settings = _settings(args, loaded)
     view = asyncio.run(read_line(settings, need, args.timeout))
     why = not_online_text(settings, view, args.timeout)
     if view.status is None:
@@ -658,17 +808,44 @@ def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     return _read(args, out, {"status", "state", "alarms_active"}, alarms=False)
 
 
+def _send_http(
+    target: HttpTarget, password: str, name: CommandName, payload: bytes, timeout_s: float
+) -> tuple[ApiSession, Callable[[], Answer]]:
+    """The session the command goes through, and the call that sends it (so that a
+    Ctrl-C can tell whether it went out)."""
+    api = ApiSession(target, password, timeout_s=timeout_s)
+
+    async def send() -> Answer:
+        async with api:
+            _other_line(target, api)
+            obj = await api.command(name.value, payload)
+        return Answer(read_answer(obj), obj)
+
+    return api, lambda: asyncio.run(send())
+
+
 def _send(
     args: argparse.Namespace, out: TextIO, name: CommandName, cmd_args: dict[str, Any]
 ) -> int:
-    settings = _settings(args)
+    loaded, target = _http(args)
+    settings = _settings(args, loaded) if target is None else _http_settings(target)
+    sender = settings.sender if target is None else target.user
     request_id = new_request_id()
     cmd_args["reason"] = args.reason
     # Checked by the daemon's own parser before anything is sent: bad input exits 2.
-    payload = command_payload(name, cmd_args, sender=settings.sender, request_id=request_id)
-    client = LineClient(settings, connect_timeout_s=args.timeout)
+    payload = command_payload(name, cmd_args, sender=sender, request_id=request_id)
+    client: LineClient | ApiSession
+    if target is None:
+        client = LineClient(settings, connect_timeout_s=args.timeout)
+        mqtt_client = client
+
+        def run() -> Answer:
+            return asyncio.run(send_command(mqtt_client, name, payload, request_id, args.timeout))
+    else:
+        password = read_password(target, args.password_file)
+        client, run = _send_http(target, password, name, payload, args.timeout)
     try:
-        answer = asyncio.run(send_command(client, name, payload, request_id, args.timeout))
+        answer = run()
     except KeyboardInterrupt:
         if client.sent:
             print(
@@ -732,8 +909,36 @@ def _cmd_recipe_select(args: argparse.Namespace, out: TextIO) -> int:
     return _send(args, out, CommandName.SELECT_RECIPE, {"recipe": args.recipe})
 
 
+def _watch_http(
+    args: argparse.Namespace, out: TextIO, loaded: LoadedConfig, target: HttpTarget
+) -> int:
+    password = read_password(target, args.password_file)
+    settings = _http_settings(target)
+    screen = out.isatty() and not args.lines
+    if not screen:
+        print(f"linectl: watching {settings.line_id} at {target.url}", file=sys.stderr)
+    timeout_s = args.timeout
+    # Ctrl-C is how a watch ends: exit 0, not 130.
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            watch_hmi(
+                settings,
+                out,
+                lambda sink: follow(target, password, sink, timeout_s=timeout_s),
+                screen=screen,
+                duration_s=args.duration,
+                # The plant's meaningful changes, as the MQTT telemetry reports them.
+                deadbands=loaded.line.mqtt.deadbands,
+            )
+        )
+    return EXIT_OK
+
+
 def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
-    settings = _settings(args)
+    loaded, target = _http(args)
+    if target is not None:
+        return _watch_http(args, out, loaded, target)
+    settings = _settings(args, loaded)
     screen = out.isatty() and not args.lines
     if not screen:
         print(f"linectl: watching {settings.line_id} at {settings.broker}", file=sys.stderr)
@@ -775,6 +980,29 @@ def _setup_logging(verbose: int) -> None:
     logging.getLogger().setLevel(level)
 
 
+MIN_PASSWORD_CHARS = 8
+
+
+def _cmd_http_hash_password(args: argparse.Namespace, out: TextIO) -> int:
+    """Handler of `linectl http hash-password`."""
+    if args.user is not None:
+        check_value("sender", args.user)
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise LocalError("the two passwords differ; nothing printed")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise LocalError(f"a password has at least {MIN_PASSWORD_CHARS} characters")
+    encoded = hash_password(password)
+    if args.user is None:
+        print(f'password_hash = "{encoded}"', file=out)
+    else:
+        print(f'[http.users.{args.user}]\npassword_hash = "{encoded}"\nrole = "operator"', file=out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (console script `linectl`)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -796,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
         # as an error in the interpreter's own final flush.
         sys.stdout.flush()
         return code
-    except NoAnswerError as exc:
+    except (NoAnswerError, HttpApiError) as exc:
         print(f"linectl: error: {exc}", file=sys.stderr)
         return EXIT_NO_ANSWER
     except BrokerError as exc:

@@ -9,7 +9,10 @@ it is sent, and every payload read is checked against the schema id it should ca
 
 Two halves:
 - pure: settings, command payloads, answers, `LineView` (what the retained and live
-  topics say about the line) and its renderings; time is an argument.
+  topics say about the line) and its renderings; time is an argument. The renderings
+  also serve the HTTP way to the line (linectl.webclient, when the configuration has
+  no broker): `hmi_view` and `HmiWatch` read the HMI's state document as the topics'
+  payloads, so both ways print the same.
 - `LineClient`, a thin aiomqtt shell (one connection, MQTT 5 when the broker speaks it,
   else 3.1.1), and the `read_line`, `send_command` and `watch` coroutines the CLI runs.
   The connection itself (client, TLS, `watch`'s reconnect back-off) is linectl.broker's,
@@ -27,7 +30,7 @@ import secrets
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, TextIO
@@ -85,12 +88,20 @@ class ClientSettings:
     mqtt_enabled: bool = True
     """`[mqtt] enabled` in the configuration we read (only for hints in errors: the
     daemon's own configuration decides whether it uses MQTT)."""
+    address: str = ""
+    """Where the line is reached, for the renderings' headers when it is not the broker
+    (the HTTP API's URL); empty: the broker's `host:port`."""
 
     @property
     def broker(self) -> str:
         """`host:port`, for messages."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def where(self) -> str:
+        """Where the line is reached: `address`, else the broker."""
+        return self.address or self.broker
 
     @property
     def topics(self) -> Topics:
@@ -378,6 +389,10 @@ class LineView:
     events: deque[str] = field(default_factory=lambda: deque(maxlen=6))
     """The latest record events (reel, alarm, unproven metres), newest last."""
     problems: list[str] = field(default_factory=list)
+    carried: frozenset[str] | None = None
+    """The live values the source carries (the HMI's state document has no vacuum,
+    scan width or length counter); None: every value (MQTT: `-` marks one never
+    published)."""
     _seen_seq: deque[int] = field(default_factory=lambda: deque(maxlen=2000))
 
     @property
@@ -475,7 +490,7 @@ class LineView:
 
     def header(self, settings: ClientSettings) -> str:
         """`line1 @ broker: online since ...` (or why not)."""
-        return f"{settings.line_id} @ {settings.broker}: " + (
+        return f"{settings.line_id} @ {settings.where}: " + (
             "no status (no linectl has published this line here)"
             if self.status is None
             else status_text(self.status)
@@ -524,7 +539,8 @@ class LineView:
         return text
 
     def live_lines(self) -> list[str]:
-        """Live values, two lines (accelerator, conveyor); none if none arrived."""
+        """Live values, two lines (accelerator, conveyor); none if none arrived. Values
+        the source does not carry (`carried`) are left out."""
         if not self.live:
             return []
         lv = self.live.get
@@ -535,14 +551,31 @@ class LineView:
                 text += f" (set-point {live_text(setpoint, lv(setpoint), unit=False)})"
             return text
 
+        def parts(*items: tuple[str, str, str]) -> str:
+            return ", ".join(
+                f"{label} {text}"
+                for label, name, text in items
+                if self.carried is None or name in self.carried
+            )
+
         return [
-            f"beam      current {sp('beam_current_ma', 'beam_current_sp_ma')}, "
-            f"energy {live_text('energy_mev', lv('energy_mev'))}, "
-            f"scan {live_text('scan_width_cm', lv('scan_width_cm'))}, "
-            f"vacuum {live_text('vacuum_pa', lv('vacuum_pa'))}",
-            f"line      speed {sp('speed_m_min', 'speed_sp_m_min')}, "
-            f"tension {live_text('tension_n', lv('tension_n'))}, "
-            f"counter {live_text('length_counter_m', lv('length_counter_m'))}",
+            "beam      "
+            + parts(
+                ("current", "beam_current_ma", sp("beam_current_ma", "beam_current_sp_ma")),
+                ("energy", "energy_mev", live_text("energy_mev", lv("energy_mev"))),
+                ("scan", "scan_width_cm", live_text("scan_width_cm", lv("scan_width_cm"))),
+                ("vacuum", "vacuum_pa", live_text("vacuum_pa", lv("vacuum_pa"))),
+            ),
+            "line      "
+            + parts(
+                ("speed", "speed_m_min", sp("speed_m_min", "speed_sp_m_min")),
+                ("tension", "tension_n", live_text("tension_n", lv("tension_n"))),
+                (
+                    "counter",
+                    "length_counter_m",
+                    live_text("length_counter_m", lv("length_counter_m")),
+                ),
+            ),
         ]
 
     def alarm_lines(self, settings: ClientSettings) -> list[str]:
@@ -562,9 +595,11 @@ class LineView:
         for a in alarms:
             if isinstance(a, dict):
                 latched = "latched" if a.get("latched") else "       "
+                state = alarm_state_text(a)
                 out.append(
                     f"  {a.get('kind', '?')!s:<{width}}  {latched}  since "
                     f"{clock_text(a.get('t_ms'))}  {a.get('message', '')}"
+                    + (f"  [{state}]" if state else "")
                 )
         out.append("acknowledge with: linectl alarms ack KIND (or 'all'); then linectl reset")
         return out
@@ -572,7 +607,7 @@ class LineView:
     def screen_lines(self, settings: ClientSettings, now_ms: int, note: str = "") -> list[str]:
         """The `watch` screen."""
         out = [
-            f"linectl watch  {settings.line_id} @ {settings.broker}  {clock_text(now_ms)}"
+            f"linectl watch  {settings.line_id} @ {settings.where}  {clock_text(now_ms)}"
             "  (Ctrl-C to quit)",
             self.header(settings),
         ]
@@ -594,8 +629,11 @@ class LineView:
 
 
 def status_text(obj: Mapping[str, Any]) -> str:
-    """`online since 12:00:00` or `OFFLINE (last session from 11:00:00)`."""
+    """`online since 12:00:00` (`online` when the source does not say since when) or
+    `OFFLINE (last session from 11:00:00)`."""
     if obj.get("status") == "online":
+        if obj.get("t_ms") is None:
+            return "online"
         return f"online since {clock_text(obj.get('t_ms'))}"
     since = obj.get("session_ms", obj.get("t_ms"))
     return f"OFFLINE (its last session began {clock_text(since)})"
@@ -621,6 +659,29 @@ def alarms_text(obj: Mapping[str, Any]) -> str:
         for a in alarms
         if isinstance(a, dict)
     )
+
+
+_ALARM_STATES: Final = {
+    "unack": "unacknowledged",
+    "acked": "acknowledged",
+    "rtn_unack": "cleared, unacknowledged",
+    "shelved": "shelved",
+}
+
+
+def alarm_state_text(a: Mapping[str, Any]) -> str:
+    """An alarm's ISA-18.2 state for people (`acknowledged`, `shelved until 14:00:00 by
+    op-1`); '' when the payload does not carry one."""
+    state = a.get("state")
+    if not isinstance(state, str):
+        return ""
+    text = _ALARM_STATES.get(state, state)
+    if state == "shelved":
+        if a.get("shelved_until_ms") is not None:
+            text += f" until {clock_text(a.get('shelved_until_ms'))}"
+        if a.get("shelved_by"):
+            text += f" by {a['shelved_by']}"
+    return text
 
 
 def reel_event_text(obj: Mapping[str, Any]) -> str:
@@ -954,14 +1015,6 @@ async def watch(
         elif lines or note:
             scr.dirty = True
 
-    async def ticker() -> None:
-        # Redraws what changed (at most every MIN_INTERVAL_S), and the clock each second.
-        assert scr is not None
-        while True:
-            await asyncio.sleep(scr.MIN_INTERVAL_S)
-            if scr.dirty or clock() - scr.drawn_s >= 1.0:
-                scr.draw(view.screen_lines(settings, wall_ms(), note))
-
     connected_once = False
 
     async def connection(connected: Callable[[], None]) -> None:
@@ -994,6 +1047,26 @@ async def watch(
             on_error=lost,
         )
 
+    await _run_watch(scr, follow, lambda: view.screen_lines(settings, wall_ms(), note), duration_s)
+
+
+async def _run_watch(
+    scr: _Screen | None,
+    follow: Callable[[], Coroutine[Any, Any, None]],
+    screen_lines: Callable[[], list[str]],
+    duration_s: float | None,
+) -> None:
+    """Run `follow` until cancelled (Ctrl-C), until it fails, or until `duration_s` has
+    passed (the normal end); on a screen (`scr`), draw `screen_lines()` meanwhile."""
+
+    async def ticker() -> None:
+        # Redraws what changed (at most every MIN_INTERVAL_S), and the clock each second.
+        assert scr is not None
+        while True:
+            await asyncio.sleep(scr.MIN_INTERVAL_S)
+            if scr.dirty or scr.clock() - scr.drawn_s >= 1.0:
+                scr.draw(screen_lines())
+
     async def run() -> None:
         if scr is None:
             await follow()
@@ -1016,8 +1089,257 @@ async def watch(
         raise group.exceptions[0] from None
     finally:
         if scr is not None:
-            scr.draw(view.screen_lines(settings, wall_ms(), note))
+            scr.draw(screen_lines())
             scr.close()
+
+
+# ---------------------------------------------------------------------- the HMI's state
+
+HMI_LIVE: Final = (
+    # (live value, section of the state document, its key there, the PLC link)
+    ("beam_current_ma", "beam", "current_ma", "accelerator"),
+    ("beam_current_sp_ma", "beam", "current_sp_ma", ""),
+    ("energy_mev", "beam", "energy_mev", "accelerator"),
+    ("speed_m_min", "conveyor", "speed_m_min", "conveyor"),
+    ("speed_sp_m_min", "conveyor", "speed_sp_m_min", ""),
+    ("tension_n", "conveyor", "tension_n", "conveyor"),
+    ("reel_position_m", "reel", "position_m", "conveyor"),
+)
+"""The live values the HMI's state document carries, and where (set-points are the
+controller's own, good whatever the links say)."""
+
+
+def _section(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = doc.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def hmi_payloads(doc: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """The HMI's state document (GET /api/state and the /ws feed of `linectl run` with
+    [http] enabled; linectl.web.feed) as the MQTT payloads `LineView` reads: (schema
+    name, variable part, payload), for `status`, `state`, `alarms_active` and the live
+    values it carries. A value whose PLC link is down has quality `comm_fail`."""
+    t_ms = doc.get("t_ms")
+    st = _section(doc, "status")
+    reel = doc.get("reel")
+    recipe = _section(doc, "recipe")
+    links = _section(doc, "links")
+    out: list[tuple[str, str, dict[str, Any]]] = [("status", "", {"status": "online"})]
+    out.append(
+        (
+            "state",
+            "",
+            {
+                "state": st.get("state", "?"),
+                "cause": st.get("cause", ""),
+                "not_ready_reason": st.get("not_ready_reason", ""),
+                "reel": None
+                if not isinstance(reel, Mapping)
+                else {
+                    "reel_id": reel.get("reel_id"),
+                    "planned_length_m": reel.get("planned_length_m"),
+                    "started": reel.get("started"),
+                },
+                "recipe": {"product": recipe.get("product"), "version": recipe.get("version")},
+                "quality": "good",
+                "t_ms": st.get("since_ms"),
+            },
+        )
+    )
+    alarms = doc.get("alarms")
+    out.append(
+        ("alarms_active", "", {"alarms": alarms if isinstance(alarms, list) else [], "t_ms": t_ms})
+    )
+    for name, section, key, link in HMI_LIVE:
+        part = _section(doc, section)
+        if section == "reel" and not part:
+            continue
+        up = not link or _section(links, link).get("up") is not False
+        value = {
+            "name": name,
+            "value": part.get(key),
+            "unit": LIVE_UNITS.get(name, ""),
+            "quality": "good" if up else "comm_fail",
+            "t_ms": t_ms,
+        }
+        out.append(("live", name, value))
+    return out
+
+
+def hmi_view(settings: ClientSettings, doc: Mapping[str, Any]) -> LineView:
+    """The line as the HMI's state document describes it (for `status` and `alarms`)."""
+    view = LineView(settings.topics, carried=frozenset(name for name, *_ in HMI_LIVE))
+    for kind, var, obj in hmi_payloads(doc):
+        view._take(kind, var, obj)
+    return view
+
+
+class HmiWatch:
+    """`watch` over the HMI's live feed: the screen and the lines of the MQTT `watch`,
+    from each new state document. A feed follower (linectl.webclient.follow) calls
+    `state`, `lost` and `back`."""
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        out: TextIO,
+        *,
+        screen: bool,
+        deadbands: Mapping[str, float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_ms: Callable[[], int] = unix_ms,
+    ) -> None:
+        self.settings = settings
+        self.out = out
+        self.wall_ms = wall_ms
+        self.deadbands = dict(deadbands or {})
+        """Per live value: a line only when it moved by more than this since the last
+        line ([mqtt.deadbands], the MQTT telemetry's report by exception)."""
+        self._printed: dict[str, tuple[object, object]] = {}
+        self.view = LineView(settings.topics, carried=frozenset(name for name, *_ in HMI_LIVE))
+        self.scr = _Screen(out, clock) if screen else None
+        self.note = ""
+        self._shown: dict[tuple[str, str], str] = {}
+        self._dose: tuple[object, int] = (None, 0)
+        self._reel: tuple[object, object] | None = None
+        self._alarm_states: dict[str, str] = {}
+
+    def screen_lines(self) -> list[str]:
+        """The screen now."""
+        return self.view.screen_lines(self.settings, self.wall_ms(), self.note)
+
+    def _emit(self, lines: list[str]) -> None:
+        if self.scr is None:
+            for line in lines:
+                self.out.write(line + "\n")
+            self.out.flush()
+        elif lines or self.note:
+            self.scr.dirty = True
+
+    def state(self, doc: Mapping[str, Any]) -> None:
+        """A new state document: what changed, as the MQTT watch shows it."""
+        at = clock_text(doc.get("t_ms"), ms=True)
+        lines: list[str] = []
+        for kind, var, obj in hmi_payloads(doc):
+            taken = self.view._take(kind, var, obj)
+            # A line when what people read changes (not at each jitter of a value).
+            if kind == "live":
+                if not self._moved(var, obj):
+                    continue
+                shown = live_text(var, obj)
+            elif kind == "status":
+                shown = status_text(obj)
+                taken = [f"{at} status {shown}"]
+            elif kind == "state":
+                shown = state_text(obj)
+            else:
+                shown = alarms_text(obj)
+            if self._shown.get((kind, var)) != shown:
+                self._shown[kind, var] = shown
+                lines.extend(taken)
+        lines.extend(self._events(doc, at))
+        lines.extend(self._metres(doc, at))
+        self._emit(lines)
+
+    def _moved(self, name: str, obj: Mapping[str, Any]) -> bool:
+        """Whether a live value moved past its deadband (or changed quality) since its
+        last line; if so, this is its last line."""
+        value, quality = obj.get("value"), obj.get("quality")
+        last = self._printed.get(name)
+        band = self.deadbands.get(name, 0.0)
+        if last is not None and last[1] == quality and band > 0:
+            old = last[0]
+            if (
+                isinstance(old, int | float)
+                and isinstance(value, int | float)
+                and abs(value - old) <= band
+            ):
+                return False
+        self._printed[name] = (value, quality)
+        return True
+
+    def _event(self, text: str, at: str, t_ms: object) -> str:
+        self.view.events.append(f"{clock_text(t_ms)} {text}")
+        return f"{at} {text}"
+
+    def _events(self, doc: Mapping[str, Any], at: str) -> list[str]:
+        """Reel and alarm changes (over MQTT: the records/reel and records/alarm events)."""
+        t_ms = doc.get("t_ms")
+        lines: list[str] = []
+        reel = doc.get("reel")
+        now = (reel.get("reel_id"), reel.get("started")) if isinstance(reel, Mapping) else None
+        if now != self._reel:
+            if now is not None and isinstance(reel, Mapping):
+                planned = reel.get("planned_length_m")
+                plan = f"{planned:g}" if isinstance(planned, int | float) else "?"
+                started = "started" if reel.get("started") else "on the line (not started)"
+                text = f"reel {now[0]} {started}, {plan} m planned, operator "
+                text += str(reel.get("operator") or "?")
+                lines.append(self._event(text, at, t_ms))
+            elif self._reel is not None:
+                lines.append(self._event(f"reel {self._reel[0]} off the line", at, t_ms))
+            self._reel = now
+        states: dict[str, str] = {}
+        alarms = doc.get("alarms")
+        for a in alarms if isinstance(alarms, list) else []:
+            if isinstance(a, Mapping):
+                kind = str(a.get("kind", "?"))
+                states[kind] = alarm_state_text(a) or ("active" if a.get("active") else "clear")
+                if self._alarm_states.get(kind) != states[kind]:
+                    text = f"alarm {kind} {states[kind]}: {a.get('message', '')}"
+                    lines.append(self._event(text, at, t_ms))
+        for kind in self._alarm_states.keys() - states.keys():
+            lines.append(self._event(f"alarm {kind} gone", at, t_ms))
+        self._alarm_states = states
+        return lines
+
+    def _metres(self, doc: Mapping[str, Any], at: str) -> list[str]:
+        """New points of the reel's dose chart, as a `records/metres` batch."""
+        dose = _section(doc, "dose")
+        reel_id, points = dose.get("reel_id"), dose.get("points")
+        if reel_id is None or not isinstance(points, list):
+            return []
+        old_reel, seen = self._dose
+        if reel_id != old_reel or len(points) < seen:
+            # Another reel, or its chart rebuilt: counted again from its first metre.
+            self.view.reels.pop(str(reel_id), None)
+            seen = 0
+        self._dose = (reel_id, len(points))
+        metres = [
+            {"index": p[0], "dose_kgy": p[1], "verdict": p[4]}
+            for p in points[seen:]
+            if isinstance(p, list) and len(p) >= 5
+        ]
+        if not metres:
+            return []
+        return [f"{at} {self.view._metres({'reel_id': reel_id, 'metres': metres})}"]
+
+    def lost(self, why: str) -> None:
+        """The feed is gone (reconnecting)."""
+        self.note = f"{self.settings.where} lost ({why}); reconnecting"
+        self._emit([f"{clock_text(self.wall_ms(), ms=True)} {self.note}"])
+
+    def back(self) -> None:
+        """The feed is back."""
+        self.note = ""
+        self._emit([f"{clock_text(self.wall_ms(), ms=True)} {self.settings.where} back"])
+
+
+async def watch_hmi(
+    settings: ClientSettings,
+    out: TextIO,
+    follow: Callable[[HmiWatch], Coroutine[Any, Any, None]],
+    *,
+    screen: bool,
+    duration_s: float | None = None,
+    deadbands: Mapping[str, float] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wall_ms: Callable[[], int] = unix_ms,
+) -> None:
+    """`watch` over the HMI's live feed: `follow(sink)` feeds the state documents in
+    (linectl.webclient.follow); the screen and lines are the MQTT watch's."""
+    sink = HmiWatch(settings, out, screen=screen, deadbands=deadbands, clock=clock, wall_ms=wall_ms)
+    await _run_watch(sink.scr, lambda: follow(sink), sink.screen_lines, duration_s)
 
 
 __all__ = [
@@ -1025,6 +1347,7 @@ __all__ = [
     "Answer",
     "BrokerError",
     "ClientSettings",
+    "HmiWatch",
     "LineClient",
     "LineView",
     "NoAnswerError",
@@ -1033,6 +1356,8 @@ __all__ = [
     "client_settings",
     "command_payload",
     "describe_answer",
+    "hmi_payloads",
+    "hmi_view",
     "new_request_id",
     "no_answer_text",
     "not_online_text",
@@ -1042,4 +1367,5 @@ __all__ = [
     "send_command",
     "status_hint",
     "watch",
+    "watch_hmi",
 ]

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from linectl.config import MqttConfig
+from linectl.config import LineConfig, MqttConfig
 from linectl.errors import LocalError
 
 MAX_COMMAND_BYTES = 4096
@@ -39,6 +39,8 @@ class CommandName(enum.StrEnum):
     RESET = "reset"
     SELECT_RECIPE = "select_recipe"
     END_REEL = "end_reel"
+    SHELVE_ALARM = "shelve_alarm"
+    UNSHELVE_ALARM = "unshelve_alarm"
 
 
 class CommandError(LocalError):
@@ -66,18 +68,21 @@ class Command:
     recipe: str | None = None
     """start_reel (optional) and select_recipe: recipe name (file stem in recipes_dir)."""
     alarm: str | None = None
-    """ack_alarm: the alarm kind to acknowledge, or "*" for every unacknowledged alarm."""
+    """ack_alarm: the alarm kind to acknowledge, or "*" for every unacknowledged alarm;
+    shelve_alarm, unshelve_alarm: the alarm kind."""
+    duration_s: float | None = None
+    """shelve_alarm: how long the alarm stays shelved, s (at most MAX_SHELVE_S)."""
     reason: str = ""
     """Free text from the operator (stop: why; end_reel: required), kept in the audit trail."""
     source: str = "mqtt"
-    """The channel it came in on: mqtt, sparkplug, cli."""
+    """The channel it came in on: mqtt, sparkplug, cli, http (the HMI and its API)."""
 
     def detail(self) -> dict[str, Any]:
         """The command's arguments as the audit trail keeps them."""
         out: dict[str, Any] = {"source": self.source}
         if self.request_id:
             out["request_id"] = self.request_id
-        for key in ("reel_id", "length_m", "operator", "recipe", "alarm"):
+        for key in ("reel_id", "length_m", "operator", "recipe", "alarm", "duration_s"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -142,6 +147,10 @@ _FIELDS: dict[CommandName, tuple[frozenset[str], frozenset[str]]] = {
     # Naming the reel guards against ending another one than the operator means; the
     # reason goes into the reel's record as why it ended short.
     CommandName.END_REEL: (frozenset({"reel_id", "reason"}), frozenset()),
+    # Shelving hides an alarm from the operator's list for a while (ISA-18.2); the
+    # reason is required: a shelved alarm is one the next shift must be able to question.
+    CommandName.SHELVE_ALARM: (frozenset({"alarm", "duration_s", "reason"}), frozenset()),
+    CommandName.UNSHELVE_ALARM: (frozenset({"alarm"}), frozenset()),
 }
 _COMMON = frozenset({"sender", "request_id", "reason", "command"})
 
@@ -251,6 +260,8 @@ def parse_command(
     reason = _text(obj, "reason") if "reason" in obj else ""
     if cname is CommandName.END_REEL and not reason.strip():
         raise CommandError("end_reel: reason must say why the reel ends short of its length")
+    if cname is CommandName.SHELVE_ALARM and not reason.strip():
+        raise CommandError("shelve_alarm: reason must say why the alarm is shelved")
     args: dict[str, Any] = {}
     if "reel_id" in obj:
         args["reel_id"] = _text(obj, "reel_id", _ID_RE)
@@ -262,21 +273,38 @@ def parse_command(
         alarm = _text(obj, "alarm")
         if alarm != "*" and not re.fullmatch(r"[a-z0-9_]{1,64}", alarm):
             raise CommandError(f"alarm {alarm!r} is neither an alarm kind nor '*'")
+        if alarm == "*" and cname is not CommandName.ACK_ALARM:
+            raise CommandError(f"{cname.value}: name one alarm kind, not '*'")
         args["alarm"] = alarm
+    if "duration_s" in obj:
+        args["duration_s"] = _positive(obj, "duration_s")
+        if args["duration_s"] > MAX_SHELVE_S:
+            raise CommandError(
+                f"duration_s {obj['duration_s']} is longer than the {MAX_SHELVE_S:g} s "
+                "(one shift) an alarm may be shelved for"
+            )
     if "length_m" in obj:
-        length = obj["length_m"]
-        if isinstance(length, bool) or not isinstance(length, int | float):
-            raise CommandError(f"length_m must be a number, not {type(length).__name__}")
-        try:
-            length_m = float(length)
-        except OverflowError:
-            # A JSON integer of hundreds of digits does not fit a float (found by
-            # tests/test_fuzz.py: math.isfinite raised OverflowError).
-            raise CommandError("length_m must be positive and finite, not a huge integer") from None
-        if not math.isfinite(length_m) or length_m <= 0:
-            raise CommandError(f"length_m must be positive and finite, not {length}")
-        args["length_m"] = length_m
+        args["length_m"] = _positive(obj, "length_m")
     return Command(cname, sender, request_id, reason=reason, source=source, **args)
+
+
+def _positive(obj: Mapping[str, Any], key: str) -> float:
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CommandError(f"{key} must be a number, not {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:
+        # A JSON integer of hundreds of digits does not fit a float (found by
+        # tests/test_fuzz.py: math.isfinite raised OverflowError).
+        raise CommandError(f"{key} must be positive and finite, not a huge integer") from None
+    if not math.isfinite(number) or number <= 0:
+        raise CommandError(f"{key} must be positive and finite, not {value}")
+    return number
+
+
+MAX_SHELVE_S = 12 * 3600.0
+"""The longest an alarm may be shelved for: one shift. It comes back by itself then."""
 
 
 # ---------------------------------------------------------------------- authorization
@@ -331,14 +359,31 @@ def _role_hint(identity: str, cfg: MqttConfig, command: str | None) -> str:
     return f"add {key} = {json.dumps(role)} {where}"
 
 
-def authorize(identity: str, command: Command | CommandName, cfg: MqttConfig) -> str:
+def authorize_command(cmd: Command, line: LineConfig) -> str:
+    """'' when `cmd`'s sender may send it on the channel it came in on, else why not.
+    One rule for every channel: an MQTT sender's role is its identity's under
+    [mqtt.identities], an HMI user's is the one under [http.users]; both name a role of
+    [mqtt.roles]."""
+    if cmd.source == "http":
+        user = line.http.users.get(cmd.sender)
+        if user is None:
+            return f"no HMI user {bounded(cmd.sender)!r} under [http.users]"
+        return authorize(cmd.sender, cmd, line.mqtt, role=user.role)
+    return authorize(cmd.sender, cmd, line.mqtt)
+
+
+def authorize(
+    identity: str, command: Command | CommandName, cfg: MqttConfig, *, role: str | None = None
+) -> str:
     """'' when `identity` may send `command`, else the reason it may not.
 
     The broker's ACL is the first line (who may publish to a command topic at all);
     this is the second: identities map to roles, roles to the commands they may send.
+    `role`: the sender's role when another channel knows it (an HMI user's).
     """
     name = command.name if isinstance(command, Command) else command
-    role = role_of(identity, cfg)
+    if role is None:
+        role = role_of(identity, cfg)
     if role is None:
         return authorize_sender(identity, cfg, name.value)
     allowed = cfg.roles.get(role)

@@ -65,6 +65,8 @@ COMMAND_NAMES: tuple[str, ...] = (
     "reset",
     "select_recipe",
     "end_reel",
+    "shelve_alarm",
+    "unshelve_alarm",
 )
 """The operator commands a line takes (the values of linectl.commands.CommandName; a test
 keeps the two equal). `[mqtt.roles]` may name these and `*`, nothing else."""
@@ -484,6 +486,74 @@ class MetricsConfig(_Strict):
     """Port (0: any free port, for tests)."""
 
 
+PASSWORD_HASH_RE = re.compile(
+    r"^scrypt\$(?P<n>[0-9]{1,7})\$(?P<r>[0-9]{1,2})\$(?P<p>[0-9]{1,2})"
+    r"\$(?P<salt>[A-Za-z0-9+/=]{16,128})\$(?P<hash>[A-Za-z0-9+/=]{43,128})$"
+)
+"""A password hash as `linectl http hash-password` writes it: scrypt, its cost
+parameters, the salt and the derived key (base64)."""
+
+
+class HttpUser(_Strict):
+    """One local user of the HMI and its JSON API."""
+
+    # repr=False: a logged or printed configuration never shows a hash either.
+    password_hash: str = Field(repr=False)
+    """`scrypt$N$r$p$salt$key` from `linectl http hash-password` (never the password)."""
+    role: str
+    """A role defined under [mqtt.roles]: the same roles for MQTT senders and HMI users."""
+
+    @field_validator("password_hash")
+    @classmethod
+    def _check_hash(cls, value: str) -> str:
+        m = PASSWORD_HASH_RE.fullmatch(value)
+        if m is None:
+            raise ValueError(
+                "password_hash is not a scrypt hash (scrypt$N$r$p$salt$key): write it "
+                "with `linectl http hash-password`, never the password itself"
+            )
+        n = int(m["n"])
+        if n < 2**14 or n & (n - 1):
+            raise ValueError(f"password_hash: scrypt N {n} must be a power of two >= 16384")
+        return value
+
+
+class HttpConfig(_Strict):
+    """The daemon's HTTP server: the operator HMI, its JSON command API, the WebSocket
+    live feed, /healthz and /metrics (docs/hmi.md)."""
+
+    enabled: bool = False
+    """Serve the HMI and the JSON API."""
+    host: str = "127.0.0.1"
+    """Bind address; loopback unless a reverse proxy or the plant network says otherwise
+    (docs/hmi.md, deployment)."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 8480
+    """Port (0: any free port, for tests)."""
+    tls_cert_file: str | None = None
+    """PEM certificate (chain) for HTTPS, relative to the configuration directory."""
+    tls_key_file: str | None = None
+    """Its private key."""
+    users: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], HttpUser] = Field(
+        default_factory=dict
+    )
+    """Local users: name -> password hash and role."""
+    session_ttl_s: Annotated[float, Field(ge=60, le=7 * 24 * 3600)] = 12 * 3600.0
+    """A login lasts this long (a shift and its handover)."""
+    login_max_failures: Annotated[int, Field(ge=1, le=100)] = 5
+    """Failed logins from one address, or for one user name, within login_window_s
+    before further attempts are refused for the rest of the window."""
+    login_window_s: Annotated[float, Field(ge=1, le=86400)] = 300.0
+    """The login rate limit's window."""
+    max_clients: Annotated[int, Field(ge=1, le=1000)] = 50
+    """Live-feed connections at once; more are refused (503)."""
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> HttpConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        return self
+
+
 class LineConfig(_Strict):
     """One irradiation line: identity, PLCs, cycle, geometry, records."""
 
@@ -514,6 +584,8 @@ class LineConfig(_Strict):
     """Sparkplug B edge node."""
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     """Prometheus metrics endpoint."""
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    """The operator HMI and JSON API (docs/hmi.md)."""
 
     @field_validator("mqtt")
     @classmethod
@@ -539,6 +611,20 @@ class LineConfig(_Strict):
             # One fault a line, each under the `mqtt` key the error report names.
             raise ValueError("\n  mqtt: ".join(faults))
         return mqtt
+
+    @model_validator(mode="after")
+    def _check_http_roles(self) -> LineConfig:
+        # HMI users take their roles from [mqtt.roles], so a typo there is caught here.
+        roles = ", ".join(repr(r) for r in self.mqtt.roles) or "none"
+        faults = [
+            f"http.users.{name}: role {user.role!r} is not defined in [mqtt.roles] "
+            f"(defined: {roles})"
+            for name, user in self.http.users.items()
+            if user.role not in self.mqtt.roles
+        ]
+        if faults:
+            raise ValueError("\n  ".join(faults))
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> LineConfig:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -22,11 +23,12 @@ from linectl.aio import stop_task
 from linectl.commands import CommandError, check_value, parse_command
 from linectl.config import default_config_dir, load_config
 from linectl.errors import LocalError
-from linectl.metrics import LineMetrics
+from linectl.metrics import LineMetrics, WithoutCreated
 from linectl.mqtt import MqttBridge
 from linectl.service import STOP_LOCK_WAIT_S, LineService, ReelRequest, select_recipe
 from linectl.sparkplug.adapter import SparkplugEdge
 from linectl.store import RecordStore, check_database, limit_lock_waits
+from linectl.web.server import HmiServer
 
 log = logging.getLogger("linectl.daemon")
 
@@ -203,7 +205,11 @@ async def _keep_running(adapter: _Adapter, name: str, stopping: asyncio.Event) -
 
 
 async def run_with_bridge(
-    service: LineService, *, exit_when_done: bool, metrics_port: int | None = None
+    service: LineService,
+    *,
+    exit_when_done: bool,
+    metrics_port: int | None = None,
+    http_port: int | None = None,
 ) -> None:
     """Run the service with its adapters beside it, as the configuration enables them:
     the Prometheus endpoint, the MQTT bridge and the Sparkplug B edge node.
@@ -211,7 +217,10 @@ async def run_with_bridge(
     The adapters stop after the service: the line is safe and the store drained first,
     then the last records are flushed and `offline` (NDEATH) published. A broker that is
     away never holds up the line or its shutdown for longer than the bridge's flush time.
-    `metrics_port` overrides the configured port (0: any free port).
+    `metrics_port` and `http_port` override the configured ports (0: any free port).
+    With `[http] enabled` the HMI server (linectl.web) serves the operator's page, the
+    JSON command API, the live feed and /metrics too; it starts before the line does and
+    stops after it.
     """
     cfg = service.cfg
     metrics = LineMetrics(service.line_id)
@@ -235,9 +244,21 @@ async def run_with_bridge(
         edge = SparkplugEdge.from_config(cfg, service, status=service.line_status, outbox=outbox)
         run = _keep_running(edge, "Sparkplug edge node", stopping)
         tasks.append((edge, asyncio.create_task(run, name="linectl-sparkplug")))
+    hmi: HmiServer | None = None
+    if cfg.line.http.enabled:
+        hmi = HmiServer(
+            service,
+            cfg.line.http,
+            metrics=WithoutCreated(metrics.registry),
+            broker_state=_broker_state(bridge),
+        )
+        await hmi.start(port=http_port)
+        service.hmi_url = hmi.url
     try:
         await service.run(exit_when_done=exit_when_done)
     finally:
+        if hmi is not None:
+            await hmi.stop()
         stopping.set()
         for adapter, _task in tasks:
             adapter.stop()
@@ -251,6 +272,13 @@ async def run_with_bridge(
             await asyncio.to_thread(outbox.close)
         if server is not None:
             server.close()
+
+
+def _broker_state(bridge: MqttBridge | None) -> Callable[[], str]:
+    """The broker link as the HMI's banner shows it."""
+    if bridge is None:
+        return lambda: "off"
+    return lambda: "connected" if bridge.stats.connected else "disconnected"
 
 
 def _on_stop_signal(service: LineService) -> None:

@@ -27,7 +27,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -59,6 +59,7 @@ from linectl.config import MqttConfig
 from linectl.store import OutboxRow, RecordStore
 from linectl.telemetry import (
     ActiveAlarm,
+    AlarmView,
     LineStatus,
     LiveValue,
     ReportFilter,
@@ -109,6 +110,17 @@ class LineEndpoint(Protocol):
 
     def audit_refusals(self, summary: Mapping[str, Any]) -> None:
         """Audit the commands refused unread in one window, as one row on no reel."""
+        ...
+
+
+@runtime_checkable
+class AlarmBoardSource(Protocol):
+    """A line endpoint with an alarm board (LineService): `alarms/active` publishes the
+    board, with each alarm's state and shelf; an endpoint without one (a test's) has its
+    active alarms published."""
+
+    def alarm_board(self) -> Sequence[AlarmView]:
+        """The alarm board, oldest first (shelved alarms included)."""
         ...
 
 
@@ -227,7 +239,8 @@ class MqttBridge:
         self._state_sent: dict[str, bytes] = {}
         self._state_ready = asyncio.Event()
         self._last_status: LineStatus | None = None
-        self._last_alarms: tuple[ActiveAlarm, ...] | None = None
+        self._last_alarms: tuple[AlarmView | ActiveAlarm, ...] | None = None
+        self._alarm_board = line.alarm_board if isinstance(line, AlarmBoardSource) else None
         self._stopping = asyncio.Event()
         self._store: RecordStore | None = None
         self._acked_seq: int | None = None  # acknowledged, not yet written to the cursor
@@ -261,7 +274,10 @@ class MqttBridge:
             if status != self._last_status:
                 self._last_status = status
                 self._set_state(self.topics.state, encode(state_payload(status)))
-            alarms = tuple(self.line.active_alarms())
+            board = self._alarm_board
+            alarms: tuple[AlarmView | ActiveAlarm, ...] = (
+                tuple(board()) if board is not None else tuple(self.line.active_alarms())
+            )
             if alarms != self._last_alarms:
                 self._last_alarms = alarms
                 payload = alarms_active_payload(alarms, self.wall_ms())

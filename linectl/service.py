@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from linectl.aio import unix_ms
-from linectl.commands import Command, CommandName, CommandResult, authorize, bounded
+from linectl.commands import Command, CommandName, CommandResult, authorize_command, bounded
 from linectl.config import ControlTuning, LoadedConfig, PlcEndpoint, Recipe
 from linectl.core.control import (
     Alarm,
@@ -56,12 +56,14 @@ from linectl.core.line import (
     RaiseAlarm,
     ReelRequest,
     SaveState,
+    ShelveAlarm,
+    UnshelveAlarm,
 )
 from linectl.core.views import acc_writes, cnv_writes
 from linectl.errors import LinectlError, LocalError, PlcError
 from linectl.modbus.link import PlcLink, Snapshot
 from linectl.store import RecordStore, ReelInfo, utc_now_iso
-from linectl.telemetry import ActiveAlarm, LineStatus, LiveValue
+from linectl.telemetry import ActiveAlarm, AlarmView, LineStatus, LiveValue, iso_to_ms
 
 log = logging.getLogger("linectl.service")
 
@@ -108,7 +110,7 @@ def recipe_hash(recipe: Recipe, path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _fresh(link: PlcLink, snap: Snapshot | None) -> bool:
+def link_fresh(link: PlcLink, snap: Snapshot | None) -> bool:
     """Whether a PLC's data may be used for control this cycle.
 
     Judged by the data's age, not by the connection: a connection closed and made again
@@ -120,6 +122,25 @@ def _fresh(link: PlcLink, snap: Snapshot | None) -> bool:
         # (A PLC that refused its watchdog timeout or ramp cannot be run as configured.)
         return False
     return snap.age_s(link.now()) < link.endpoint.stale_after_s
+
+
+def restore_alarm_board(line: Line, store: RecordStore, now_ms: int) -> None:
+    """The alarm board as an earlier run left it, read from the store at start: alarms
+    left unacknowledged are on it (returned to normal: this controller does not hold
+    them) until acknowledged; shelves still in force stay in force, and one that expired
+    while linectl was down is ended (and audited) by the first cycle."""
+    for a in store.active_alarms():
+        if a.acknowledged_at is None:
+            line.restore_alarm(a.kind, a.message, _ms_or(a.raised_at, now_ms))
+    for shelf in store.alarm_shelves():
+        line.restore_shelf(
+            shelf.kind,
+            message=shelf.message,
+            raised_ms=shelf.raised_ms,
+            until_ms=shelf.until_ms,
+            by=shelf.shelved_by,
+            reason=shelf.reason,
+        )
 
 
 def apply_effect(store: RecordStore, effect: Effect) -> None:
@@ -165,6 +186,18 @@ def apply_effect(store: RecordStore, effect: Effect) -> None:
             store.clear_alarms_except(effect.keep, effect.wall)
         case AckAlarms():
             store.ack_alarms(effect.kind, effect.by, effect.wall)
+        case ShelveAlarm():
+            store.shelve_alarm(
+                effect.kind,
+                effect.until_ms,
+                effect.by,
+                effect.reason,
+                effect.wall,
+                message=effect.message,
+                raised_ms=effect.raised_ms,
+            )
+        case UnshelveAlarm():
+            store.unshelve_alarm(effect.kind, effect.by, effect.wall, expired=effect.expired)
 
 
 class LineService:
@@ -206,6 +239,8 @@ class LineService:
         """The last cycle's report (None before the first cycle)."""
         self.stats = CycleStats()
         self.metrics_url: str | None = None
+        self.hmi_url: str | None = None
+        """Where the HMI server listens (set by the daemon's wiring when [http] is on)."""
         """Where the Prometheus endpoint serves, once the daemon started it."""
         self.last_acc: Snapshot | None = None
         self.last_cnv: Snapshot | None = None
@@ -306,6 +341,12 @@ class LineService:
         report = self.report
         return report.active_alarms if report is not None else ()
 
+    def alarm_board(self) -> tuple[AlarmView, ...]:
+        """The alarm board (ISA-18.2 states, shelved alarms included), oldest first: the
+        last cycle's report's; before the first cycle, what the records held at start."""
+        report = self.report
+        return report.alarm_board if report is not None else self.line.alarm_board()
+
     def _before_first_cycle(self) -> Line:
         # Before the first cycle the line has seen nothing: its status and live values
         # say so (COMM_FAIL), stamped now.
@@ -316,7 +357,7 @@ class LineService:
         """Authorize, then apply `cmd` on the control cycle; audited whether accepted or
         not. A command unsafe in the current state is refused with the controller's
         reason. Refused with "controller not running" if no cycle takes it in time."""
-        why = authorize(cmd.sender, cmd, self.cfg.line.mqtt)
+        why = authorize_command(cmd, self.cfg.line)
         if why:
             return self._refuse(cmd, why)
         if not self._running:
@@ -488,7 +529,7 @@ class LineService:
             self._exec, RecordStore, self.store_path
         )
         await self._find_interrupted_reel()
-        await self._load_unacked_alarms()
+        await self._load_alarm_board()
         await self.acc.start()
         await self.cnv.start()
         wd_ms = self.cfg.line.watchdog_timeout_ms
@@ -506,15 +547,12 @@ class LineService:
             self._refuse_pending("service stopping")
             await self._shutdown(clean)
 
-    async def _load_unacked_alarms(self) -> None:
-        # Alarms left unacknowledged by an earlier run can still be acknowledged.
+    async def _load_alarm_board(self) -> None:
         assert self._store is not None
-        store = self._store
-        alarms = await asyncio.get_running_loop().run_in_executor(self._exec, store.active_alarms)
-        unacked = self.line.unacked
-        for a in alarms:
-            if a.acknowledged_at is None:
-                unacked[a.kind] = unacked.get(a.kind, 0) + 1
+        store, now_ms = self._store, self.wall_ms()
+        await asyncio.get_running_loop().run_in_executor(
+            self._exec, restore_alarm_board, self.line, store, now_ms
+        )
 
     def _refuse_pending(self, reason: str) -> None:
         pending, self._commands = self._commands, []
@@ -613,8 +651,8 @@ class LineService:
             wall_ms=self.wall_ms(),
             acc=acc_snap,
             cnv=cnv_snap,
-            acc_fresh=_fresh(self.acc, acc_snap),
-            cnv_fresh=_fresh(self.cnv, cnv_snap),
+            acc_fresh=link_fresh(self.acc, acc_snap),
+            cnv_fresh=link_fresh(self.cnv, cnv_snap),
             acc_now_s=self.acc.now(),
             cnv_now_s=self.cnv.now(),
             commands=[(p.cmd, p.recipe) for p in commands],
@@ -709,6 +747,14 @@ class LineService:
         if store is not None:
             await asyncio.get_running_loop().run_in_executor(self._exec, store.close)
         self._exec.shutdown(wait=True)
+
+
+def _ms_or(iso: str, default: int) -> int:
+    """Unix ms of a stored ISO 8601 time; `default` when it cannot be read."""
+    try:
+        return iso_to_ms(iso)
+    except (TypeError, ValueError):
+        return default
 
 
 async def _write_direct(link: PlcLink, values: Mapping[str, float]) -> None:

@@ -48,7 +48,7 @@ _T = TypeVar("_T")
 
 log = logging.getLogger("linectl.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE reels (
@@ -121,8 +121,27 @@ CREATE TABLE outbox_cursor (
 );
 """
 
+# Version 3: alarm shelving (ISA-18.2). One row per shelf, kept when it ends (who ended
+# it, or that it expired); at most one shelf in force (not ended) per alarm kind.
+_SCHEMA_V3 = """
+CREATE TABLE alarm_shelves (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind         TEXT NOT NULL,
+    message      TEXT NOT NULL,
+    raised_ms    INTEGER NOT NULL,
+    shelved_at   TEXT NOT NULL,
+    shelved_by   TEXT NOT NULL,
+    reason       TEXT NOT NULL,
+    until_ms     INTEGER NOT NULL,
+    ended_at     TEXT,
+    ended_by     TEXT,
+    expired      INTEGER NOT NULL DEFAULT 0 CHECK (expired IN (0, 1))
+);
+CREATE UNIQUE INDEX alarm_shelves_in_force ON alarm_shelves (kind) WHERE ended_at IS NULL;
+"""
+
 # Index i holds the script that takes the schema from version i to i + 1.
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 
 OUTBOX_KEEP = 100_000
 """Outbox rows kept after every consumer has passed them (for late diagnosis)."""
@@ -279,6 +298,30 @@ class Alarm:
     def active(self) -> bool:
         """Shown until it is both cleared and acknowledged (latched alarms)."""
         return self.cleared_at is None or self.acknowledged_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmShelf:
+    """One shelving of an alarm (ISA-18.2): in force until `until_ms` (unix ms) unless
+    ended before; `ended_at` None while in force."""
+
+    id: int
+    kind: str
+    message: str
+    raised_ms: int
+    """When the alarm was last raised before it was shelved, unix ms."""
+    shelved_at: str
+    shelved_by: str
+    reason: str
+    until_ms: int
+    ended_at: str | None = None
+    ended_by: str | None = None
+    """Who unshelved it ("controller" when it expired)."""
+    expired: bool = False
+
+    @property
+    def in_force(self) -> bool:
+        return self.ended_at is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -906,6 +949,74 @@ class RecordStore:
                 (reel_id,),
             )
         return [Alarm(*r) for r in rows]
+
+    # ------------------------------------------------------------------ alarm shelving
+
+    def shelve_alarm(
+        self,
+        kind: str,
+        until_ms: int,
+        by: str,
+        reason: str,
+        at: str,
+        *,
+        message: str = "",
+        raised_ms: int = 0,
+    ) -> int:
+        """Record a shelf in force for `kind` until `until_ms`; return its id. A shelf of
+        the kind still in force is ended first (at `at`, by `by`): one per kind. The
+        command that shelved it is in the audit trail (and published from there)."""
+        with self._tx(lambda: f"the shelving of alarm {kind} by {by}") as db:
+            db.execute(
+                "UPDATE alarm_shelves SET ended_at = ?, ended_by = ? "
+                "WHERE kind = ? AND ended_at IS NULL",
+                (at, by, kind),
+            )
+            cur = db.execute(
+                "INSERT INTO alarm_shelves (kind, message, raised_ms, shelved_at, shelved_by, "
+                "reason, until_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (kind, message, raised_ms, at, by, reason, until_ms),
+            )
+            assert cur.lastrowid is not None
+            return int(cur.lastrowid)
+
+    def unshelve_alarm(self, kind: str, by: str, at: str, *, expired: bool = False) -> bool:
+        """End the shelf of `kind` in force (by an operator, or `expired`); False when
+        there was none."""
+        with self._tx(lambda: f"the unshelving of alarm {kind} by {by}") as db:
+            cur = db.execute(
+                "UPDATE alarm_shelves SET ended_at = ?, ended_by = ?, expired = ? "
+                "WHERE kind = ? AND ended_at IS NULL",
+                (at, by, int(expired), kind),
+            )
+            return cur.rowcount > 0
+
+    _SHELF_COLUMNS = (
+        "id, kind, message, raised_ms, shelved_at, shelved_by, reason, until_ms, "
+        "ended_at, ended_by, expired"
+    )
+
+    def alarm_shelves(self, *, in_force: bool = True) -> list[AlarmShelf]:
+        """The shelves in force (every shelf, ended ones too, with in_force=False),
+        oldest first. One in force may have expired by the clock: the line ends it."""
+        where = " WHERE ended_at IS NULL" if in_force else ""
+        rows = self._query(f"SELECT {self._SHELF_COLUMNS} FROM alarm_shelves{where} ORDER BY id")
+        return [
+            AlarmShelf(
+                id=int(r[0]),
+                kind=r[1],
+                message=r[2],
+                raised_ms=int(r[3]),
+                shelved_at=r[4],
+                shelved_by=r[5],
+                reason=r[6],
+                until_ms=int(r[7]),
+                ended_at=r[8],
+                ended_by=r[9],
+                expired=bool(r[10]),
+            )
+            for r in rows
+        ]
 
     # ------------------------------------------------------------------ audit
 

@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from linectl.quality import Quality
@@ -79,7 +79,7 @@ TOPIC_SPECS: Final[tuple[TopicSpec, ...]] = (
     TopicSpec("status", 1, True, "status", "online/offline; the will sets offline"),
     TopicSpec("schema", 1, True, "", "the JSON Schema of every payload (this table's)"),
     TopicSpec("state", 1, True, "state", "line state, reel, recipe, active alarm kinds"),
-    TopicSpec("alarms/active", 1, True, "alarms_active", "alarms active now"),
+    TopicSpec("alarms/active", 1, True, "alarms_active", "the alarm board: states and shelves"),
     TopicSpec("live/<name>", 0, True, "live", "one live value, report by exception"),
     TopicSpec("records/metres", 1, False, "metres", "completed metres (batches)"),
     TopicSpec("records/reel", 1, False, "reel", "reel start and end with its summary"),
@@ -190,6 +190,12 @@ def iso_to_ms(text: str) -> int:
     return round(dt.timestamp() * 1000)
 
 
+def ms_to_iso(t_ms: int) -> str:
+    """ISO 8601 UTC text of unix ms (`2026-01-01T00:00:00.000Z`), for messages."""
+    dt = datetime.fromtimestamp(t_ms / 1000.0, tz=UTC)
+    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _json_value(value: float | int | bool | None) -> float | int | bool | None:
     # JSON has no NaN: an unknown value is null (its quality says why).
     if isinstance(value, float) and not math.isfinite(value):
@@ -274,12 +280,52 @@ class ActiveAlarm:
     t_ms: int
 
 
-def alarms_active_payload(alarms: Iterable[ActiveAlarm], t_ms: int) -> dict[str, Any]:
-    """`alarms/active` payload (schema `alarms_active`)."""
+ALARM_STATES: Final = ("unack", "acked", "rtn_unack", "shelved")
+"""An alarm's state on the alarm board (ISA-18.2; docs/control.md, "Alarm states"):
+active and unacknowledged, active and acknowledged, returned to normal but not yet
+acknowledged, shelved (hidden from the operator's list for a while)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmView:
+    """One alarm on the alarm board, as the operator's list and SCADA see it."""
+
+    kind: str
+    message: str
+    state: str  # "unack" | "acked" | "rtn_unack" | "shelved"
+    active: bool  # the condition holds now (for us: latched in the controller, not yet reset)
+    latched: bool  # needs an operator reset
+    t_ms: int  # unix ms it was last raised
+    shelved_until_ms: int | None = None
+    shelved_by: str | None = None
+    shelve_reason: str | None = None
+
+
+def alarm_view_json(a: AlarmView) -> dict[str, Any]:
+    """One alarm of the board as JSON (an item of `alarms/active`, and the HMI's row)."""
+    return {
+        "kind": a.kind,
+        "message": a.message,
+        "state": a.state,
+        "active": a.active,
+        "latched": a.latched,
+        "t_ms": a.t_ms,
+        "shelved_until_ms": a.shelved_until_ms,
+        "shelved_by": a.shelved_by,
+        "shelve_reason": a.shelve_reason,
+    }
+
+
+def alarms_active_payload(alarms: Iterable[AlarmView | ActiveAlarm], t_ms: int) -> dict[str, Any]:
+    """`alarms/active` payload (schema `alarms_active`): the alarm board, oldest first,
+    shelved alarms included (with their state; a SCADA's operator list hides them). An
+    `ActiveAlarm` (a line endpoint without a board) gives the keys it has."""
     return {
         "schema": "linectl.alarms_active/1",
         "alarms": [
-            {"kind": a.kind, "message": a.message, "latched": a.latched, "t_ms": a.t_ms}
+            alarm_view_json(a)
+            if isinstance(a, AlarmView)
+            else {"kind": a.kind, "message": a.message, "latched": a.latched, "t_ms": a.t_ms}
             for a in alarms
         ],
         "quality": Quality.GOOD.value,
@@ -478,8 +524,21 @@ SCHEMAS: Final[dict[str, dict[str, Any]]] = {
                     "properties": {
                         "kind": {"type": "string"},
                         "message": {"type": "string"},
-                        "latched": {"type": "boolean"},
-                        "t_ms": _T_MS,
+                        "latched": {"type": "boolean", "description": "needs an operator reset"},
+                        "t_ms": {**_T_MS, "description": "when it was last raised, unix ms"},
+                        # Since the alarm board (ISA-18.2 states, shelving): always sent by
+                        # linectl; optional so that an older daemon's payload still checks.
+                        "state": {"enum": list(ALARM_STATES)},
+                        "active": {
+                            "type": "boolean",
+                            "description": "its condition holds (latched, not yet reset)",
+                        },
+                        "shelved_until_ms": {
+                            "type": ["integer", "null"],
+                            "description": "shelved until (unix ms); null: not shelved",
+                        },
+                        "shelved_by": {"type": ["string", "null"]},
+                        "shelve_reason": {"type": ["string", "null"]},
                     },
                     "required": ["kind", "message", "latched", "t_ms"],
                 },
@@ -564,6 +623,7 @@ SCHEMAS: Final[dict[str, dict[str, Any]]] = {
             "operator": {"type": "string"},
             "recipe": {"type": "string"},
             "alarm": {"type": "string"},
+            "duration_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 43200},
         },
         "additionalProperties": False,
     },
@@ -605,11 +665,13 @@ def schema_document() -> dict[str, Any]:
 
 
 __all__ = [
+    "ALARM_STATES",
     "LIVE_VALUES",
     "RECORD_KINDS",
     "SCHEMAS",
     "TOPIC_SPECS",
     "ActiveAlarm",
+    "AlarmView",
     "LineStatus",
     "LiveSpec",
     "LiveValue",
@@ -617,10 +679,12 @@ __all__ = [
     "ReportValue",
     "TopicSpec",
     "Topics",
+    "alarm_view_json",
     "alarms_active_payload",
     "encode",
     "iso_to_ms",
     "live_payload",
+    "ms_to_iso",
     "record_payload",
     "report_due",
     "schema_document",

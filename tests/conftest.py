@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -65,3 +68,43 @@ def load_bench(name: str) -> ModuleType:
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+@dataclass
+class Run:
+    """What a `linectl` subprocess did."""
+
+    rc: int
+    out: str
+    err: str
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a `linectl` subprocess: the developer's own LINECTL_* settings
+    must not change what the tests see."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LINECTL_")}
+    env.update(extra)
+    return env
+
+
+async def cli(*args: str, env: Mapping[str, str] | None = None, timeout_s: float = 30.0) -> Run:
+    """`python -m linectl ARGS`, stdout and stderr piped, stdin not a terminal."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "linectl",
+        *args,
+        cwd=ROOT,
+        env=dict(env or cli_env()),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())

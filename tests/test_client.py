@@ -28,7 +28,7 @@ from typing import Any
 import aiomqtt
 import pytest
 from broker import TestBroker, running_broker
-from conftest import free_port
+from conftest import cli, cli_env, free_port
 from e2e_scenarios import TRUE_K, compact_config, endpoints, wait_for
 
 from linectl.cli import main
@@ -148,42 +148,6 @@ def line_config(tmp_path: Path, broker: TestBroker | None, port: int | None = No
         mqtt = mqtt.replace(old, new, 1)
     (d / "line.toml").write_text(f"{head}\n[mqtt]\n{mqtt}")
     return d
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    # The developer's own LINECTL_* settings must not change what these tests see.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LINECTL_")}
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Run:
-    rc: int
-    out: str
-    err: str
-
-
-async def cli(*args: str, env: Mapping[str, str] | None = None, timeout_s: float = 30.0) -> Run:
-    """`python -m linectl ARGS` with stdout and stderr piped."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "linectl",
-        *args,
-        cwd=ROOT,
-        env=dict(env or cli_env()),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
 
 
 @contextlib.asynccontextmanager
@@ -754,13 +718,18 @@ async def test_watch_redraws_in_place_on_a_terminal(broker: TestBroker, tmp_path
         bridge.on_cycle()
         await retained(broker, TOPICS.state, lambda p: p["state"] == "running")
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "linectl", "watch", "--config", cfg, "--duration", "2.5",
+            sys.executable, "-m", "linectl", "watch", "--config", cfg, "--duration", "3.5",
             cwd=ROOT, env=cli_env(COLUMNS="120"), stdout=slave,
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         os.close(slave)
         reader = asyncio.create_task(asyncio.to_thread(drain))
-        await asyncio.sleep(1.0)
+        # The change comes once the first frame is drawn (the CLI takes about a second to
+        # start on a loaded host: a fixed sleep raced it).
+        for _ in range(200):
+            if b"RUNNING since" in b"".join(chunks):
+                break
+            await asyncio.sleep(0.05)
         line.set("speed_m_min", 61.0)
         bridge.on_cycle()
         _, err = await asyncio.wait_for(proc.communicate(), 15.0)

@@ -9,6 +9,7 @@ import pytest
 
 from linectl.commands import (
     MAX_COMMAND_BYTES,
+    MAX_SHELVE_S,
     Command,
     CommandError,
     CommandName,
@@ -72,6 +73,82 @@ def test_name_and_sender_from_the_payload() -> None:
         parse({"sender": "op-2"}, name=None, sender=None)
     with pytest.raises(CommandError, match="no sender named"):
         parse({}, name="stop", sender=None)
+
+
+def test_shelve_and_unshelve_alarm() -> None:
+    cmd = parse(
+        {"alarm": "vacuum", "duration_s": 1800, "reason": "pump swap", "request_id": "s-1"},
+        name="shelve_alarm",
+    )
+    assert cmd == Command(
+        CommandName.SHELVE_ALARM,
+        "scada-1",
+        "s-1",
+        alarm="vacuum",
+        duration_s=1800.0,
+        reason="pump swap",
+    )
+    assert isinstance(cmd.duration_s, float)
+    # The audit trail keeps how long and why.
+    assert cmd.detail() == {
+        "source": "mqtt",
+        "request_id": "s-1",
+        "alarm": "vacuum",
+        "duration_s": 1800.0,
+        "reason": "pump swap",
+    }
+    # One shift at most, that much included.
+    longest = parse(
+        {"alarm": "vacuum", "duration_s": MAX_SHELVE_S, "reason": "r"}, name="shelve_alarm"
+    )
+    assert longest.duration_s == MAX_SHELVE_S == 12 * 3600.0
+    assert parse({"alarm": "vacuum", "duration_s": 0.5, "reason": "r"}, name="shelve_alarm")
+    un = parse({"alarm": "vacuum"}, name="unshelve_alarm")
+    assert un == Command(CommandName.UNSHELVE_ALARM, "scada-1", alarm="vacuum")
+    assert un.duration_s is None
+    # A reason is welcome on an unshelve too (the audit trail keeps it).
+    assert parse({"alarm": "vacuum", "reason": "fixed"}, name="unshelve_alarm").reason == "fixed"
+
+
+SHELVE = {"alarm": "vacuum", "duration_s": 600, "reason": "pump swap"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "name", "message"),
+    [
+        ({**SHELVE, "duration_s": 0}, "shelve_alarm", "duration_s must be positive"),
+        ({**SHELVE, "duration_s": -5}, "shelve_alarm", "duration_s must be positive"),
+        ({**SHELVE, "duration_s": MAX_SHELVE_S + 0.001}, "shelve_alarm", "longer than the 43200"),
+        ({**SHELVE, "duration_s": 10**400}, "shelve_alarm", "not a huge integer"),
+        ({**SHELVE, "duration_s": True}, "shelve_alarm", "duration_s must be a number, not bool"),
+        ({**SHELVE, "duration_s": "600"}, "shelve_alarm", "duration_s must be a number, not str"),
+        ({**SHELVE, "duration_s": None}, "shelve_alarm", "duration_s must be a number"),
+        ({"alarm": "vacuum", "reason": "r"}, "shelve_alarm", "missing key\\(s\\) duration_s"),
+        ({"alarm": "vacuum", "duration_s": 60}, "shelve_alarm", "missing key\\(s\\) reason"),
+        ({**SHELVE, "reason": "   "}, "shelve_alarm", "reason must say why the alarm is shelved"),
+        ({**SHELVE, "alarm": "*"}, "shelve_alarm", "shelve_alarm: name one alarm kind, not"),
+        ({**SHELVE, "alarm": "Vacuum!"}, "shelve_alarm", "neither an alarm kind nor"),
+        ({"duration_s": 60, "reason": "r"}, "shelve_alarm", "missing key\\(s\\) alarm"),
+        ({"alarm": "*"}, "unshelve_alarm", "unshelve_alarm: name one alarm kind, not"),
+        ({}, "unshelve_alarm", "unshelve_alarm: missing key\\(s\\) alarm"),
+        ({"alarm": "vacuum", "duration_s": 5}, "unshelve_alarm", "unknown key\\(s\\) duration_s"),
+        ({"alarm": "vacuum", "duration_s": 5}, "ack_alarm", "unknown key\\(s\\) duration_s"),
+    ],
+)
+def test_bad_shelving_commands_say_what_is_wrong(
+    payload: dict[str, Any], name: str, message: str
+) -> None:
+    with pytest.raises(CommandError, match=message):
+        parse(payload, name=name)
+    with pytest.raises(LocalError):  # the caller's fault: exit code 2 in the CLI
+        parse(payload, name=name)
+
+
+def test_nan_and_infinite_durations_are_refused() -> None:
+    for text in (b"NaN", b"Infinity", b"-Infinity"):
+        payload = b'{"alarm": "vacuum", "reason": "r", "duration_s": ' + text + b"}"
+        with pytest.raises(CommandError, match="duration_s must be positive and finite"):
+            parse_command(payload, name="shelve_alarm", sender="a")
 
 
 @pytest.mark.parametrize(

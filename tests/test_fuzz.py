@@ -524,6 +524,11 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
         st.sampled_from(["pv-1x6-en50618", "../etc/passwd", "a.toml", "x\n"]), TEXT, JSON_ANY
     ),
     "alarm": st.one_of(st.sampled_from(["*", "vacuum", "Vacuum!", "vacuum\n"]), TEXT, JSON_ANY),
+    "duration_s": st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from([43200, 43200.001, 10**400, 0, -1, True, "60"]),
+        JSON_ANY,
+    ),
 }
 COMMAND_OBJECTS = st.fixed_dictionaries(
     {},
@@ -537,6 +542,7 @@ GOOD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "reason": st.text(max_size=80),
     "recipe": st.from_regex(r"[A-Za-z0-9_-]{1,128}", fullmatch=True),
     "alarm": st.one_of(st.just("*"), st.from_regex(r"[a-z0-9_]{1,64}", fullmatch=True)),
+    "duration_s": st.one_of(st.floats(0.001, 43200), st.integers(1, 43200)),
 }
 # One character away from a good value: control characters, lone surrogates, a trailing
 # newline, numbers too large for a float.
@@ -555,6 +561,8 @@ REQUIRED = {
     "reset": (set(), set()),
     "select_recipe": ({"recipe"}, set()),
     "end_reel": ({"reel_id", "reason"}, set()),
+    "shelve_alarm": ({"alarm", "duration_s", "reason"}, set()),
+    "unshelve_alarm": ({"alarm"}, set()),
 }
 
 

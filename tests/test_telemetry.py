@@ -9,21 +9,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from linectl.commands import MAX_SHELVE_S
 from linectl.quality import Quality
 from linectl.telemetry import (
+    ALARM_STATES,
     LIVE_VALUES,
     RECORD_KINDS,
     SCHEMAS,
     TOPIC_SPECS,
     ActiveAlarm,
+    AlarmView,
     LineStatus,
     LiveValue,
     ReportFilter,
     Topics,
+    alarm_view_json,
     alarms_active_payload,
     encode,
     iso_to_ms,
     live_payload,
+    ms_to_iso,
     record_payload,
     schema_document,
     state_payload,
@@ -140,6 +145,67 @@ def test_state_status_alarm_payloads_match_their_schemas() -> None:
     a = alarms_active_payload([ActiveAlarm("vacuum", "vacuum fault", True, T0)], T0 + 1)
     _check(a, "alarms_active")
     assert a["alarms"][0]["kind"] == "vacuum"
+
+
+def test_alarms_active_carries_the_board_states_and_shelves() -> None:
+    board = [
+        AlarmView("vacuum", "vacuum fault", "unack", True, True, T0),
+        AlarmView("beam_outage", "beam off for 10.0 s", "rtn_unack", False, False, T0 + 1),
+        AlarmView(
+            "scan",
+            "scan fault",
+            "shelved",
+            active=True,
+            latched=True,
+            t_ms=T0 + 2,
+            shelved_until_ms=T0 + 3_600_000,
+            shelved_by="op-1",
+            shelve_reason="coil swap",
+        ),
+    ]
+    p = alarms_active_payload(board, T0 + 5)
+    _check(p, "alarms_active")
+    item = SCHEMAS["alarms_active"]["properties"]["alarms"]["items"]
+    for a in p["alarms"]:
+        # Every key declared, the existing ones still there and required.
+        assert set(a) <= set(item["properties"])
+        assert set(item["required"]) == {"kind", "message", "latched", "t_ms"} <= set(a)
+        assert a["state"] in item["properties"]["state"]["enum"]
+    assert p["alarms"][0] == {
+        "kind": "vacuum",
+        "message": "vacuum fault",
+        "state": "unack",
+        "active": True,
+        "latched": True,
+        "t_ms": T0,
+        "shelved_until_ms": None,
+        "shelved_by": None,
+        "shelve_reason": None,
+    }
+    assert p["alarms"][2] == alarm_view_json(board[2])
+    assert (p["alarms"][2]["state"], p["alarms"][2]["shelved_until_ms"]) == (
+        "shelved",
+        T0 + 3_600_000,
+    )
+    assert [a["kind"] for a in p["alarms"]] == ["vacuum", "beam_outage", "scan"]
+    assert list(item["properties"]["state"]["enum"]) == list(ALARM_STATES)
+    assert set(ALARM_STATES) == {"unack", "acked", "rtn_unack", "shelved"}
+    # An endpoint without a board: its active alarms, with the keys they have.
+    old = alarms_active_payload([ActiveAlarm("vacuum", "v", True, T0)], T0)
+    _check(old, "alarms_active")
+    assert old["alarms"] == [{"kind": "vacuum", "message": "v", "latched": True, "t_ms": T0}]
+
+
+def test_the_command_schema_knows_the_shelving_keys() -> None:
+    props = SCHEMAS["command"]["properties"]
+    assert props["duration_s"]["exclusiveMinimum"] == 0
+    assert props["duration_s"]["maximum"] == MAX_SHELVE_S
+
+
+def test_ms_to_iso() -> None:
+    assert ms_to_iso(T0) == "2026-01-01T00:00:00.000Z"
+    assert ms_to_iso(T0 + 3_600_250) == "2026-01-01T01:00:00.250Z"
+    assert iso_to_ms(ms_to_iso(T0 + 1234).replace("Z", "+00:00")) == T0 + 1234
 
 
 def test_record_payload() -> None:

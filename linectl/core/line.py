@@ -10,8 +10,8 @@ closed-loop tests on simulated time drive this same code (tests/harness.py).
 What lives here: reel start (coordinate 0 on the standing line), resume after a restart
 (from the checkpointed ledger, or the fallback that marks what it cannot prove), the
 checkpoints, the end-of-reel rest rule, the energy check, the start-up reset of watchdog
-trips linectl's own absence caused, alarms as the operator sees them (acknowledgement),
-and the commands' effect on all of it.
+trips linectl's own absence caused, alarms as the operator sees them (the alarm board:
+ISA-18.2 states, acknowledgement, shelving), and the commands' effect on all of it.
 
 Logging is the only side effect: a log line says what happened, for the plant engineer.
 """
@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
-from linectl.commands import Command, CommandName, CommandResult
+from linectl.commands import MAX_SHELVE_S, Command, CommandName, CommandResult
 from linectl.config import ControlTuning, LoadedConfig, Recipe
 from linectl.core.align import AccPoint, CnvPoint, CounterAligner, PlcClock
 from linectl.core.control import (
@@ -55,7 +55,7 @@ from linectl.core.views import (
 )
 from linectl.errors import LocalError
 from linectl.quality import Quality, Sample
-from linectl.telemetry import ActiveAlarm, LineStatus, LiveValue
+from linectl.telemetry import ActiveAlarm, AlarmView, LineStatus, LiveValue, ms_to_iso
 
 log = logging.getLogger("linectl.line")
 
@@ -224,6 +224,31 @@ class AckAlarms:
     wall: str
 
 
+@dataclass(frozen=True, slots=True)
+class ShelveAlarm:
+    """An alarm shelved until `until_ms` (unix ms): the shelf in force, kept across a
+    restart of linectl (the command itself is audited by the command path)."""
+
+    kind: str
+    message: str
+    raised_ms: int
+    """When the alarm was last raised, unix ms (the board shows it after a restart)."""
+    until_ms: int
+    by: str
+    reason: str
+    wall: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnshelveAlarm:
+    """The shelf of `kind` ends: by an operator's unshelve_alarm, or `expired`."""
+
+    kind: str
+    by: str
+    wall: str
+    expired: bool = False
+
+
 Effect = (
     OpenReel
     | SaveState
@@ -234,6 +259,8 @@ Effect = (
     | RaiseAlarm
     | ClearAlarmsExcept
     | AckAlarms
+    | ShelveAlarm
+    | UnshelveAlarm
 )
 """A record-store job; the service runs them in order on its store worker."""
 
@@ -268,6 +295,8 @@ class CycleReport:
     """The line state as `state` reports it (t_ms: when the state was entered)."""
     active_alarms: tuple[ActiveAlarm, ...]
     """The latched alarms held now, oldest first."""
+    alarm_board: tuple[AlarmView, ...]
+    """The alarm board (ISA-18.2 states, shelved alarms included), oldest first."""
     live: Mapping[str, LiveValue]
     """The live values (telemetry.LIVE_VALUES) with their quality and measurement time."""
 
@@ -287,6 +316,216 @@ class ReelRequest:
     reel_id: str
     length_m: float
     operator: str = ""
+
+
+# ---------------------------------------------------------------------- the alarm board
+
+UNACK = "unack"
+ACKED = "acked"
+RTN_UNACK = "rtn_unack"
+SHELVED = "shelved"
+_NORMAL = "normal"  # returned and acknowledged: off the board (unless shelved)
+
+
+@dataclass
+class _BoardAlarm:
+    """One alarm kind on the board, in its real (unshelved) state."""
+
+    kind: str
+    message: str
+    latched: bool
+    """A latched kind: it holds FAULT until an operator reset."""
+    t_ms: int
+    """When it was last raised, unix ms."""
+    order: int
+    """Raise order: the board is listed oldest first."""
+    state: str = UNACK
+    unacked: int = 0
+    """Occurrences not yet acknowledged (each is a row of the records)."""
+
+    @property
+    def active(self) -> bool:
+        return self.state in (UNACK, ACKED)
+
+
+@dataclass(frozen=True, slots=True)
+class Shelf:
+    """An alarm shelved by an operator until a wall-clock time."""
+
+    kind: str
+    until_ms: int
+    by: str
+    reason: str
+
+
+@dataclass
+class AlarmBoard:
+    """The alarms as the operator handles them, with ISA-18.2 states; pure.
+
+    - raised: a latched alarm is active and unacknowledged (`unack`); a momentary one
+      (not latched) is raised and at once back to normal: `rtn_unack`;
+    - acknowledged: `unack` -> `acked`; `rtn_unack` -> off the board;
+    - the operator reset (the controller no longer holds it): `acked` -> off the board;
+      `unack` -> `rtn_unack`;
+    - a latched alarm raised again while `acked` or `rtn_unack` -> `unack` (a momentary
+      one -> `unack` while active, else `rtn_unack`).
+
+    Shelving hides one alarm from the operator's list until a wall-clock time: its view
+    says `shelved`, whatever its real state, which goes on changing underneath (a raise
+    while shelved is recorded as usual). A shelved alarm stays on the board until it is
+    unshelved, also once its real state has gone back to normal. The board never acts
+    on the line: the interlocks and the controller's latched alarms do not see it.
+    """
+
+    _alarms: dict[str, _BoardAlarm] = field(default_factory=dict)
+    _shelves: dict[str, Shelf] = field(default_factory=dict)
+    _order: int = 0
+
+    def raise_alarm(self, kind: str, message: str, *, latched: bool, t_ms: int) -> None:
+        """An alarm raised: `unack` (latched, or raised while active), else `rtn_unack`."""
+        self._order += 1
+        a = self._alarms.get(kind)
+        if a is None:
+            a = self._alarms[kind] = _BoardAlarm(kind, message, latched, t_ms, 0, _NORMAL)
+        a.message, a.latched, a.t_ms, a.order = message, latched, t_ms, self._order
+        a.state = UNACK if latched or a.active else RTN_UNACK
+        a.unacked += 1
+
+    def restore(self, kind: str, message: str, t_ms: int) -> None:
+        """An alarm the records hold unacknowledged from an earlier run: the controller
+        does not hold it (any more), so it is `rtn_unack` until acknowledged."""
+        self._order += 1
+        a = self._alarms.get(kind)
+        if a is None:
+            a = self._alarms[kind] = _BoardAlarm(kind, message, True, t_ms, self._order, _NORMAL)
+        elif t_ms >= a.t_ms:
+            a.message, a.t_ms = message, t_ms
+        if not a.active:
+            a.state = RTN_UNACK
+        a.unacked += 1
+
+    def returned(self, held: Collection[str]) -> None:
+        """The controller holds only `held` latched now: the others returned to normal
+        (an operator reset cleared them, or they never latched)."""
+        for a in list(self._alarms.values()):
+            if a.active and a.kind not in held:
+                self._set(a, RTN_UNACK if a.state == UNACK else _NORMAL)
+
+    def ack(self, kind: str) -> None:
+        """Acknowledge every occurrence of `kind`."""
+        a = self._alarms.get(kind)
+        if a is None or not a.unacked:
+            raise CommandRefused(f"no unacknowledged alarm {kind!r}")
+        a.unacked = 0
+        self._set(a, ACKED if a.active else _NORMAL)
+
+    def unacked(self) -> dict[str, int]:
+        """Alarm kind -> occurrences not yet acknowledged."""
+        return {k: a.unacked for k, a in self._alarms.items() if a.unacked}
+
+    def shelf(self, kind: str) -> Shelf | None:
+        """The shelf of `kind` in force, if any."""
+        return self._shelves.get(kind)
+
+    def shelves(self) -> tuple[Shelf, ...]:
+        """Every shelf in force."""
+        return tuple(self._shelves.values())
+
+    def on_board(self, kind: str) -> bool:
+        """Whether `kind` is listed (in a state other than normal, or shelved)."""
+        a = self._alarms.get(kind)
+        return a is not None and (a.state != _NORMAL or kind in self._shelves)
+
+    def shelve(self, kind: str, until_ms: int, by: str, reason: str) -> Shelf:
+        """Shelve an alarm on the board until `until_ms`; CommandRefused when it is not
+        on the board or is shelved already."""
+        old = self._shelves.get(kind)
+        if old is not None:
+            raise CommandRefused(
+                f"alarm {kind!r} is shelved already, until {ms_to_iso(old.until_ms)} (by "
+                f"{old.by}): unshelve it first to shelve it again"
+            )
+        if not self.on_board(kind):
+            listed = ", ".join(v.kind for v in self.views())
+            raise CommandRefused(
+                f"no alarm {kind!r} on the alarm board: only a raised alarm can be shelved "
+                + (f"(on the board: {listed})" if listed else "(the board is empty)")
+            )
+        shelf = self._shelves[kind] = Shelf(kind, until_ms, by, reason)
+        return shelf
+
+    def unshelve(self, kind: str) -> Shelf:
+        """End the shelf of `kind`; the alarm shows in its real state again (off the
+        board if that is normal). CommandRefused when it is not shelved."""
+        shelf = self._shelves.pop(kind, None)
+        if shelf is None:
+            shelved = ", ".join(sorted(self._shelves))
+            raise CommandRefused(
+                f"alarm {kind!r} is not shelved"
+                + (f" (shelved: {shelved})" if shelved else " (no alarm is shelved)")
+            )
+        a = self._alarms.get(kind)
+        if a is not None and a.state == _NORMAL:
+            del self._alarms[kind]
+        return shelf
+
+    def restore_shelf(self, shelf: Shelf, message: str, t_ms: int) -> None:
+        """A shelf in force found in the records at start (it may have expired since:
+        `expired()` ends it at the first cycle)."""
+        if shelf.kind not in self._alarms:
+            self._order += 1
+            self._alarms[shelf.kind] = _BoardAlarm(
+                shelf.kind, message, True, t_ms, self._order, _NORMAL
+            )
+        self._shelves[shelf.kind] = shelf
+
+    def expired(self, now_ms: int) -> list[Shelf]:
+        """End the shelves whose time has come (wall clock at or past `until_ms`)."""
+        out = [s for s in self._shelves.values() if now_ms >= s.until_ms]
+        for s in out:
+            self.unshelve(s.kind)
+        return out
+
+    def real_state(self, kind: str) -> str | None:
+        """The state `kind` would show unshelved (None: not on the board)."""
+        a = self._alarms.get(kind)
+        return None if a is None or a.state == _NORMAL else a.state
+
+    def t_ms(self, kind: str) -> int | None:
+        a = self._alarms.get(kind)
+        return None if a is None else a.t_ms
+
+    def message(self, kind: str) -> str:
+        a = self._alarms.get(kind)
+        return "" if a is None else a.message
+
+    def views(self) -> tuple[AlarmView, ...]:
+        """The board, oldest raise first: every alarm not back to normal, and every
+        shelved one (state `shelved`, with its shelf)."""
+        out = []
+        for a in sorted(self._alarms.values(), key=lambda a: (a.t_ms, a.order)):
+            shelf = self._shelves.get(a.kind)
+            if shelf is None and a.state == _NORMAL:
+                continue
+            out.append(
+                AlarmView(
+                    kind=a.kind,
+                    message=a.message,
+                    state=SHELVED if shelf is not None else a.state,
+                    active=a.active,
+                    latched=a.latched and a.active,
+                    t_ms=a.t_ms,
+                    shelved_until_ms=None if shelf is None else shelf.until_ms,
+                    shelved_by=None if shelf is None else shelf.by,
+                    shelve_reason=None if shelf is None else shelf.reason,
+                )
+            )
+        return tuple(out)
+
+    def _set(self, a: _BoardAlarm, state: str) -> None:
+        a.state = state
+        if state == _NORMAL and a.kind not in self._shelves:
+            del self._alarms[a.kind]
 
 
 # ---------------------------------------------------------------------- the line
@@ -328,8 +567,8 @@ class Line:
         self.state_ms: int | None = None
         """Unix ms when the state was entered (None: at start)."""
         self.alarm_ms: dict[str, int] = {}
-        self.unacked: dict[str, int] = {}
-        """Alarm kind -> unacknowledged occurrences."""
+        self.board = AlarmBoard()
+        """The alarms as the operator handles them (ISA-18.2 states, shelving)."""
         self.opened_reels: set[str] = set()
         """Reel ids taken, in this run or found in the records."""
         self.at_rest_since_s: float | None = None
@@ -398,6 +637,24 @@ class Line:
         if ckpt is not None:
             self._resume = _Resume(ckpt)
 
+    def restore_alarm(self, kind: str, message: str, t_ms: int) -> None:
+        """An alarm the records hold unacknowledged from an earlier run (at start): on
+        the board, returned to normal and unacknowledged, until an operator acknowledges
+        it."""
+        self.board.restore(kind, message, t_ms)
+
+    def restore_shelf(
+        self, kind: str, *, message: str, raised_ms: int, until_ms: int, by: str, reason: str
+    ) -> None:
+        """A shelf the records hold in force (at start). One that expired while linectl
+        was down is ended, and audited, at the first cycle."""
+        self.board.restore_shelf(Shelf(kind, until_ms, by, reason), message, raised_ms)
+
+    @property
+    def unacked(self) -> dict[str, int]:
+        """Alarm kind -> unacknowledged occurrences."""
+        return self.board.unacked()
+
     # ------------------------------------------------------------------ the cycle
 
     def cycle(self, inp: CycleInput) -> CycleReport:
@@ -408,8 +665,8 @@ class Line:
         t_s = inp.t_s
         acc_r, cnv_r = inp.acc, inp.cnv
         self.last_acc, self.last_cnv = acc_r, cnv_r
-        acc_vals = _values(acc_r) if acc_r is not None else {}
-        cnv_vals = _values(cnv_r) if cnv_r is not None else {}
+        acc_vals = reading_values(acc_r) if acc_r is not None else {}
+        cnv_vals = reading_values(cnv_r) if cnv_r is not None else {}
         acc = acc_view(acc_vals, self.cfg.accelerator_map, ok=acc_r is not None and inp.acc_fresh)
         cnv = cnv_view(cnv_vals, self.cfg.conveyor_map, ok=cnv_r is not None and inp.cnv_fresh)
 
@@ -433,6 +690,7 @@ class Line:
         if inp.store_error is not None:
             # Cable that cannot be recorded cannot be shown in spec: stop making it.
             self.ctl.raise_alarm(t_s, "records", inp.store_error)
+        self._expire_shelves()
         self._operator_requests()
         results = tuple(self.command(cmd, recipe) for cmd, recipe in inp.commands)
         position = None
@@ -510,6 +768,7 @@ class Line:
             position_m=self.ledger.position_m if self.ledger is not None else None,
             status=self.status(),
             active_alarms=self.active_alarms(),
+            alarm_board=self.alarm_board(),
             live=MappingProxyType(self.live_values()),
         )
 
@@ -547,6 +806,11 @@ class Line:
             ActiveAlarm(a.kind, a.message, a.latched, self.alarm_ms.get(a.kind, now_ms))
             for a in alarms
         )
+
+    def alarm_board(self) -> tuple[AlarmView, ...]:
+        """The alarm board, oldest first: latched alarms (until reset and acknowledged),
+        momentary ones until acknowledged, shelved ones (state `shelved`) until unshelved."""
+        return self.board.views()
 
     def live_values(self) -> dict[str, LiveValue]:
         """The live values, each with its quality and the unix time (ms) it was measured
@@ -774,6 +1038,12 @@ class Line:
                     self._cmd_select(recipe)
                 case CommandName.END_REEL:
                     detail.update(self._cmd_end(cmd))
+                case CommandName.SHELVE_ALARM:
+                    detail.update(self._cmd_shelve(cmd))
+                case CommandName.UNSHELVE_ALARM:
+                    detail.update(self._cmd_unshelve(cmd))
+                case _:  # every command has its case: mypy says so when one is added
+                    assert_never(cmd.name)
         except CommandRefused as exc:
             result, audit = self.refuse(cmd, str(exc), wall=self._in.wall)
             self._emit(audit)
@@ -920,16 +1190,105 @@ class Line:
         self.ctl.recipe = recipe.recipe
 
     def _cmd_ack(self, cmd: Command) -> list[str]:
+        """Acknowledge one alarm kind, or ("*") every unacknowledged alarm the operator's
+        list shows: a shelved alarm is acknowledged only by its name (shelving hides it,
+        so "all" cannot mean it)."""
         kind = cmd.alarm or "*"
-        kinds = sorted(self.unacked) if kind == "*" else [kind]
+        unacked = self.board.unacked()
+        if kind != "*":
+            self.board.ack(kind)  # CommandRefused: no unacknowledged alarm of that kind
+            self._emit(AckAlarms(kind, cmd.sender, self._in.wall))
+            return [kind]
+        shelved = sorted(k for k in unacked if self.board.shelf(k) is not None)
+        kinds = sorted(k for k in unacked if k not in shelved)
         if not kinds:
-            raise CommandRefused("no unacknowledged alarm")
-        if kind != "*" and kind not in self.unacked:
-            raise CommandRefused(f"no unacknowledged alarm {kind!r}")
+            raise CommandRefused(
+                "no unacknowledged alarm"
+                + (
+                    f" but shelved ones ({', '.join(shelved)}): acknowledge a shelved "
+                    "alarm by its kind"
+                    if shelved
+                    else ""
+                )
+            )
         for k in kinds:
-            self.unacked.pop(k, None)
-        self._emit(AckAlarms(kind, cmd.sender, self._in.wall))
+            self.board.ack(k)
+        if shelved:
+            for k in kinds:
+                self._emit(AckAlarms(k, cmd.sender, self._in.wall))
+        else:
+            self._emit(AckAlarms("*", cmd.sender, self._in.wall))
         return kinds
+
+    def _cmd_shelve(self, cmd: Command) -> dict[str, Any]:
+        """Shelve an alarm on the board (ISA-18.2): hidden from the operator's list until
+        the wall clock passes now + duration_s. Never from the records, never from the
+        interlocks: the line stays in FAULT and a reset is still needed; no acknowledgement."""
+        kind, duration_s = cmd.alarm, cmd.duration_s
+        if kind is None or kind == "*" or duration_s is None:  # not from parse_command
+            raise CommandRefused("shelve_alarm needs alarm (one kind) and duration_s")
+        if not 0.0 < duration_s <= MAX_SHELVE_S:  # NaN too
+            raise CommandRefused(
+                f"duration_s {duration_s:g} is outside 0 < duration_s <= {MAX_SHELVE_S:g}"
+            )
+        if not cmd.reason.strip():
+            raise CommandRefused("shelve_alarm needs a reason (kept in the audit trail)")
+        until_ms = self._in.wall_ms + math.ceil(duration_s * 1000.0)
+        shelf = self.board.shelve(kind, until_ms, cmd.sender, cmd.reason)
+        self._emit(
+            ShelveAlarm(
+                kind,
+                self.board.message(kind),
+                self.board.t_ms(kind) or self._in.wall_ms,
+                shelf.until_ms,
+                shelf.by,
+                shelf.reason,
+                self._in.wall,
+            )
+        )
+        log.warning(
+            "alarm %s shelved by %s until %s: %s",
+            kind,
+            cmd.sender,
+            ms_to_iso(until_ms),
+            cmd.reason,
+        )
+        return {"shelved_until_ms": until_ms, "state": self.board.real_state(kind)}
+
+    def _cmd_unshelve(self, cmd: Command) -> dict[str, Any]:
+        kind = cmd.alarm
+        if kind is None or kind == "*":  # not from parse_command
+            raise CommandRefused("unshelve_alarm needs alarm (one kind)")
+        shelf = self.board.unshelve(kind)
+        self._emit(UnshelveAlarm(kind, cmd.sender, self._in.wall))
+        log.warning("alarm %s unshelved by %s", kind, cmd.sender)
+        return {
+            "shelved_until_ms": shelf.until_ms,
+            "shelved_by": shelf.by,
+            "state": self.board.real_state(kind),
+        }
+
+    def _expire_shelves(self) -> None:
+        """Shelves whose time has come end by themselves (wall clock, this cycle's):
+        the alarm shows in its real state again; audited as the controller's."""
+        for shelf in self.board.expired(self._in.wall_ms):
+            until = ms_to_iso(shelf.until_ms)
+            log.warning("alarm %s: shelf expired (until %s, by %s)", shelf.kind, until, shelf.by)
+            self._emit(UnshelveAlarm(shelf.kind, "controller", self._in.wall, expired=True))
+            self._audit(
+                "unshelve_alarm",
+                {
+                    "alarm": shelf.kind,
+                    "expired": True,
+                    "why": f"shelf expired at {until}",
+                    "shelved_until_ms": shelf.until_ms,
+                    "shelved_by": shelf.by,
+                    "shelve_reason": shelf.reason,
+                    "state": self.board.real_state(shelf.kind),
+                },
+                accepted=True,
+                actor="controller",
+            )
 
     # ------------------------------------------------------------------ events
 
@@ -951,10 +1310,17 @@ class Line:
             detail = {"from": tr.old.value, "to": tr.new.value, "cause": tr.cause}
             self._emit(Audit(wall, "controller", "transition", detail, True, reel_id=reel_id))
         for a in alarms:
-            log.warning("alarm %s: %s", a.kind, a.message)
+            shelf = self.board.shelf(a.kind)
+            if shelf is None:
+                log.warning("alarm %s: %s", a.kind, a.message)
+            else:  # hidden from the operator's list, never from the log or the records
+                log.warning(
+                    "alarm %s (shelved until %s): %s", a.kind, ms_to_iso(shelf.until_ms), a.message
+                )
             self.alarm_ms[a.kind] = now_ms
-            self.unacked[a.kind] = self.unacked.get(a.kind, 0) + 1
+            self.board.raise_alarm(a.kind, a.message, latched=a.latched, t_ms=now_ms)
             self._emit(RaiseAlarm(a.kind, a.message, wall, reel_id))
+        self.board.returned(self.ctl.alarms)
         self._clear_gone_alarms(transitions, wall)
         return transitions, alarms
 
@@ -1288,7 +1654,8 @@ class Line:
         return max(wall_s, 0.0) + sample_age_s + RESUME_CLOCK_TOL_S
 
 
-def _values(r: PlcReading) -> dict[str, float | int | None]:
+def reading_values(r: PlcReading) -> dict[str, float | int | None]:
+    """Every field of a reading, by name (what the views decode)."""
     return {name: r.value(name) for name in r}
 
 
@@ -1315,6 +1682,7 @@ __all__ = [
     "LEDGER_STATE",
     "AckAlarms",
     "AddMetres",
+    "AlarmBoard",
     "Audit",
     "ClearAlarmsExcept",
     "CloseReel",
@@ -1329,4 +1697,7 @@ __all__ = [
     "RaiseAlarm",
     "ReelRequest",
     "SaveState",
+    "ShelveAlarm",
+    "UnshelveAlarm",
+    "reading_values",
 ]
