@@ -1017,6 +1017,7 @@ def load_config(directory: Path | str, environ: Mapping[str, str] | None = None)
         where = f"{line_path} (with environment overrides {overrides})" if overrides else line_path
         raise ConfigError(_format_validation(Path(where), exc)) from None
     maps: dict[str, RegisterMap] = {}
+    map_paths: dict[str, Path] = {}
     for plc in ("accelerator", "conveyor"):
         endpoint: PlcEndpoint = getattr(line, plc)
         path = Path(endpoint.register_map)
@@ -1024,7 +1025,7 @@ def load_config(directory: Path | str, environ: Mapping[str, str] | None = None)
         rmap = load_register_map(path)
         if rmap.plc != plc:
             raise ConfigError(f"{path}: plc = {rmap.plc!r}, but line.toml uses it for {plc!r}")
-        maps[plc] = rmap
+        maps[plc], map_paths[plc] = rmap, path
     acc, cnv = maps["accelerator"], maps["conveyor"]
     e_acc, e_cnv = line.accelerator, line.conveyor
     if (e_acc.host, e_acc.port, e_acc.unit_id) == (e_cnv.host, e_cnv.port, e_cnv.unit_id):
@@ -1032,15 +1033,18 @@ def load_config(directory: Path | str, environ: Mapping[str, str] | None = None)
             f"{line_path}: accelerator and conveyor point at the same PLC "
             f"{e_acc.host}:{e_acc.port} unit {e_acc.unit_id}"
         )
-    faults = _settings_out_of_map(line, acc, cnv)
+    faults = _settings_out_of_map(line, acc, cnv, map_paths)
     if faults:
         raise ConfigError(f"{line_path}: " + "; ".join(faults))
     return LoadedConfig(directory, line, acc, cnv, overrides)
 
 
-def _settings_out_of_map(line: LineConfig, acc: RegisterMap, cnv: RegisterMap) -> list[str]:
+def _settings_out_of_map(
+    line: LineConfig, acc: RegisterMap, cnv: RegisterMap, paths: Mapping[str, Path]
+) -> list[str]:
     """The settings linectl writes at every connect, checked against the maps' ranges: a
-    PLC that refuses one cannot be run (the link treats it as lost), so say it here."""
+    PLC that refuses one cannot be run (the link treats it as lost), so say it here,
+    naming both files (the setting or the map may be the one that is wrong)."""
     wanted = (
         ("watchdog_timeout_ms", acc, "watchdog_timeout", line.watchdog_timeout_ms),
         ("watchdog_timeout_ms", cnv, "watchdog_timeout", line.watchdog_timeout_ms),
@@ -1052,12 +1056,10 @@ def _settings_out_of_map(line: LineConfig, acc: RegisterMap, cnv: RegisterMap) -
             continue
         f = rmap.field(name)
         if (f.min is not None and value < f.min) or (f.max is not None and value > f.max):
-            faults.append(
-                f"{key} = {value:g} is outside the {rmap.plc} map's {name} range "
-                f"{f.min:g}..{f.max:g} {f.unit}".rstrip()
-                if f.min is not None and f.max is not None
-                else f"{key} = {value:g} is outside the {rmap.plc} map's {name} range"
-            )
+            where = f"the {rmap.plc} map's {name} range"
+            if f.min is not None and f.max is not None:
+                where += f" {f.min:g}..{f.max:g} {f.unit}".rstrip()
+            faults.append(f"{key} = {value:g} is outside {where} ({paths[rmap.plc]})")
     return faults
 
 

@@ -273,3 +273,22 @@ async def test_a_cut_feed_shows_stale_within_2_s_and_converges_after(ui: Ui) -> 
     assert await row.count() == 1
     assert await row.get_attribute("data-state") == "unack"
     assert await page.locator("#cmd-reset").is_enabled()
+
+
+async def test_a_gap_in_the_feed_makes_the_page_ask_for_a_snapshot(ui: Ui) -> None:
+    page = ui.page
+    await log_in(ui, "op")
+    await until(page, "window.hmi && !window.hmi.stale", 10.0, "live")
+    (client,) = ui.hmi.server.clients
+    # As if a delta had been lost on the way: the next one starts from a state the page
+    # never had.
+    client.view.seq -= 1
+    ui.hmi.server.feed.add_trend(2**50, 1.0, 2.0)  # something to send
+    await wait_for(lambda: ui.hmi.server.resyncs == 1, 5.0, "the page's resync")
+    await until(
+        page,
+        f"window.hmi.seq >= {ui.hmi.server.feed.seq} && !window.hmi.stale",
+        5.0,
+        "the page back on the feed",
+    )
+    assert await text(page, "#line-state") == "READY"

@@ -101,3 +101,7 @@ def test_config_refuses_settings_outside_the_maps(cfg: LoadedConfig, tmp_path: P
     assert "line_ramp_m_min_s = 0.5 is outside the conveyor map's ramp_rate range" in str(
         info.value
     )
+    # Both files are named: the setting or the map may be the one that is wrong (found by
+    # tests/test_fuzz.py: a map whose range was 0..0 got an error naming line.toml only).
+    assert str(line_toml) in str(info.value)
+    assert "registers/conveyor.toml" in str(info.value)

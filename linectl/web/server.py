@@ -130,6 +130,8 @@ class HmiServer:
         self._task: asyncio.Task[None] | None = None
         self._loads: set[asyncio.Task[None]] = set()
         self._tls = config.tls_cert_file is not None
+        self.resyncs = 0
+        """Snapshots asked for by clients that saw a gap in their feed."""
         self._last_trend_ms = 0
         self._cycle_seen = -1.0
         self.app = self._make_app()
@@ -347,6 +349,11 @@ class HmiServer:
                 except (ValueError, AttributeError):
                     kind = None
                 if kind == "resync":
+                    # The page saw a delta that does not follow what it holds.
+                    self.resyncs += 1
+                    log.info(
+                        "HMI: %s's page asked for a snapshot (a gap in its feed)", session.user
+                    )
                     client.want_snapshot = True
                 # A session that ended (logout, expiry) ends its feed too.
                 if self.sessions.get(session.token, self.clock()) is None:
