@@ -96,7 +96,8 @@ def _sig(x: float | None, digits: int = 3) -> float | None:
     return float(f"{x:.{digits}g}")
 
 
-def _live(live: Mapping[str, LiveValue], name: str) -> float | None:
+def live_number(live: Mapping[str, LiveValue], name: str) -> float | None:
+    """A live value as a number (None when unknown)."""
     v = live.get(name)
     if v is None or v.value is None or isinstance(v.value, bool):
         return None
@@ -106,9 +107,9 @@ def _live(live: Mapping[str, LiveValue], name: str) -> float | None:
 def dose_now_kgy(inp: FeedInputs) -> float | None:
     """The dose the cable under the beam takes now, from the measured current and speed
     (None when either is unknown or the cable stands)."""
-    current = _live(inp.live, "beam_current_ma")
-    speed = _live(inp.live, "speed_m_min")
-    width = _live(inp.live, "scan_width_cm") or inp.recipe.scan_width_cm
+    current = live_number(inp.live, "beam_current_ma")
+    speed = live_number(inp.live, "speed_m_min")
+    width = live_number(inp.live, "scan_width_cm") or inp.recipe.scan_width_cm
     if current is None or speed is None or speed <= 0.01 or width <= 0:
         return None
     # D = K I sum(w) / (v W): the dose law, with the live values.
@@ -174,17 +175,17 @@ def build_state(inp: FeedInputs) -> dict[str, Any]:
         "beam": {
             "on": beam_on,
             "hv_on": bool(acc is not None and acc.ok and acc.hv_on),
-            "current_ma": _num(_live(inp.live, "beam_current_ma"), 3),
+            "current_ma": _num(live_number(inp.live, "beam_current_ma"), 3),
             "current_sp_ma": _num(out.beam_current_sp_ma, 3),
-            "energy_mev": _num(_live(inp.live, "energy_mev"), 3),
-            "vacuum_pa": _sig(_live(inp.live, "vacuum_pa")),
+            "energy_mev": _num(live_number(inp.live, "energy_mev"), 3),
+            "vacuum_pa": _sig(live_number(inp.live, "vacuum_pa")),
         },
         "conveyor": {
             "running": bool(cnv is not None and cnv.ok and cnv.running),
-            "speed_m_min": _num(_live(inp.live, "speed_m_min"), 2),
+            "speed_m_min": _num(live_number(inp.live, "speed_m_min"), 2),
             "speed_sp_m_min": _num(out.speed_sp_m_min, 2),
             "speed_limit_m_min": _num(inp.speed_limit_m_min, 2),
-            "tension_n": _num(_live(inp.live, "tension_n"), 1),
+            "tension_n": _num(live_number(inp.live, "tension_n"), 1),
         },
         "dose_now_kgy": _num(dose_now_kgy(inp), 2),
         "links": {

@@ -57,6 +57,7 @@ from linectl.web.feed import (
     LinkState,
     ReelFacts,
     build_state,
+    live_number,
 )
 
 log = logging.getLogger("linectl.web")
@@ -254,9 +255,8 @@ class HmiServer:
             self._load_stored_metres(reel_id)
         if inp.t_ms - self._last_trend_ms >= TREND_PERIOD_MS:
             self._last_trend_ms = inp.t_ms
-            self.feed.add_trend(
-                inp.t_ms, _value(inp.live, "beam_current_ma"), _value(inp.live, "speed_m_min")
-            )
+            current = live_number(inp.live, "beam_current_ma")
+            self.feed.add_trend(inp.t_ms, current, live_number(inp.live, "speed_m_min"))
         self.feed.update(build_state(inp))
 
     def _load_stored_metres(self, reel_id: str) -> None:
@@ -507,7 +507,7 @@ class HmiServer:
         )
         return web.json_response({"recipes": names, "current": self.svc.line.recipe_name})
 
-    async def _with_store(self, request: web.Request, fn: Callable[[RecordStore], Any]) -> Any:
+    async def _with_store(self, fn: Callable[[RecordStore], Any]) -> Any:
         path = self.svc.store_path
 
         def read() -> Any:
@@ -522,7 +522,7 @@ class HmiServer:
         if self._current(request) is None:
             return _error(401, "not logged in")
         try:
-            reels = await self._with_store(request, list_reels)
+            reels = await self._with_store(list_reels)
         except LocalError as exc:
             return _error(404, str(exc))
         return web.json_response({"schema": "linectl.reel-list/1", "reels": reels})
@@ -532,7 +532,7 @@ class HmiServer:
             return _error(401, "not logged in")
         reel_id = request.match_info["reel_id"]
         try:
-            report = await self._with_store(request, lambda st: build_report(st, reel_id))
+            report = await self._with_store(lambda st: build_report(st, reel_id))
         except LocalError as exc:
             return _error(404, str(exc))
         return web.Response(text=_dumps(report), content_type="application/json")
@@ -610,13 +610,6 @@ def _age_ms(snap: Any, now_s: float) -> int | None:
         return None
     age = snap.age_s(now_s)
     return None if not math.isfinite(age) else int(age * 1000)
-
-
-def _value(live: Any, name: str) -> float | None:
-    v = live.get(name)
-    if v is None or v.value is None or isinstance(v.value, bool):
-        return None
-    return float(v.value)
 
 
 def _buffered(transport: asyncio.BaseTransport) -> int:
