@@ -12,7 +12,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY linectl/ linectl/
 COPY simulators/ simulators/
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[historian]"
 
 FROM python:3.11-slim
 
@@ -21,7 +21,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels linectl \
+RUN pip install --no-cache-dir --no-index --find-links=/wheels "linectl[historian]" \
     && rm -rf /wheels
 
 # A dedicated unprivileged user; its home is the state directory that holds the records.
@@ -33,7 +33,8 @@ RUN groupadd --system linectl \
 
 # The reference configuration as a default; a deployment mounts its own over /etc/linectl
 # (read-only: linectl never writes its configuration).
-COPY config/ /etc/linectl/
+# config/ is a link to the package's reference configuration: copy what it points at.
+COPY linectl/reference/ /etc/linectl/
 
 # /etc/linectl is root's and read-only to the daemon, so the records (relative to the
 # configuration directory by default) go to the state directory instead. A volume there

@@ -115,6 +115,8 @@ class RecordSubscriber(tl.Subscriber):
     def _received(self, m: tl.Message) -> None:
         # Tallied at once and not kept: an hour of record payloads held here would count
         # as the service's memory growth, since both share this process.
+        if m.topic.endswith("/records/head"):
+            return  # the outbox's newest seq, announced: not a record
         try:
             seq = int(json.loads(m.payload)["seq"])
         except (ValueError, KeyError, TypeError) as exc:

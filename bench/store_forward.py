@@ -81,7 +81,8 @@ def deliveries(sub: tl.Subscriber, base: str) -> tuple[dict[int, Delivery], int,
     total = 0
     problems: list[str] = []
     for m in sub.messages:
-        if not m.topic.startswith(head):
+        # records/head (retained: the outbox's newest seq) announces records, is none.
+        if not m.topic.startswith(head) or m.topic == f"{head}head":
             continue
         total += 1
         kind = m.topic[len(head) :]

@@ -1,4 +1,4 @@
-"""Command line: `linectl config|recipe|probe|sim|run|report|demo|status|reel|alarms|reset|watch`.
+"""Command line: `linectl config|init|recipe|probe|sim|run|report|demo|status|reel|alarms|...`.
 
 Wiring only: every check lives in linectl.config, the daemon's client in linectl.client
 (MQTT, and the rendering) and linectl.webclient (the HTTP API, used when the
@@ -20,6 +20,7 @@ import getpass
 import json
 import logging
 import os
+import shlex
 import sys
 import textwrap
 from collections.abc import Callable
@@ -51,10 +52,13 @@ from linectl.commands import CommandName, check_value
 from linectl.config import (
     LoadedConfig,
     RegisterMap,
+    config_dir_or_reference,
     default_config_dir,
     json_schemas,
     load_config,
     load_recipe,
+    reference_config_dir,
+    reference_config_note,
 )
 from linectl.core.control import ALARM_KINDS
 from linectl.daemon import add_run_parser
@@ -71,6 +75,7 @@ from linectl.errors import (
     LinectlError,
     LocalError,
 )
+from linectl.historian.cli import add_historian_parser
 from linectl.probe import add_probe_parser
 from linectl.report import add_report_parser
 from linectl.web.auth import hash_password
@@ -90,7 +95,9 @@ log = logging.getLogger("linectl.cli")
 _PASS_THROUGH = ("sim",)
 
 _EPILOG = """\
-configuration directory: --config/DIR, else $LINECTL_CONFIG_DIR, else ./config.
+configuration directory: --config/DIR, else $LINECTL_CONFIG_DIR, else ./config; `demo`
+  and `sim` without any of these run on the reference configuration shipped with
+  linectl. `linectl init DIR` writes a starter configuration directory.
 environment overrides of line.toml: LINECTL_<SECTION>__<KEY>=value,
   e.g. LINECTL_ACCELERATOR__PORT=6000 or LINECTL_CYCLE_PERIOD_S=0.02.
 exit codes: 0 ok, 1 not implemented, 2 invalid input or configuration (for the HTTP
@@ -174,6 +181,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     schema.set_defaults(handler=_cmd_config_schema)
 
+    # init --------------------------------------------------------------------
+    init = commands.add_parser(
+        "init",
+        help="write a starter configuration directory (the reference line) to edit",
+        description=_wrap(
+            "Write a complete, commented starter configuration into DIR: line.toml, "
+            "registers/ (both PLCs' register maps), recipes/ (one recipe) and records/ (where "
+            "line.toml puts the records), a copy of the reference line shipped with linectl "
+            "with every path relative to DIR. Edit it for your line; `linectl config check "
+            "DIR` passes on it as written. An existing DIR that is not empty is left alone "
+            "(exit 2) unless --force is given."
+        ),
+        epilog="example: linectl init /etc/linectl && linectl config check /etc/linectl",
+        formatter_class=fmt,
+    )
+    init.add_argument("directory", type=Path, metavar="DIR", help="directory to write (created)")
+    init.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an existing, non-empty DIR, overwriting the starter's files there "
+        "(other files are kept)",
+    )
+    init.set_defaults(handler=_cmd_init)
+
     # recipe ------------------------------------------------------------------
     recipe = commands.add_parser(
         "recipe",
@@ -239,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = commands.add_parser(
         "sim",
         add_help=False,
-        help="run the PLC simulators (arguments go to the simulators' own CLI)",
+        help="run the PLC simulators (arguments go to the simulators' own CLI; --config "
+        "default: $LINECTL_CONFIG_DIR, else ./config, else the reference configuration)",
         description="Run the bundled PLC simulators; `linectl sim --help` shows their options.",
     )
     sim.set_defaults(handler=_cmd_sim)
@@ -247,13 +279,30 @@ def build_parser() -> argparse.ArgumentParser:
     # run, report, demo ---------------------------------------------------------
     add_run_parser(commands)
     add_report_parser(commands)
+    # historian: the plant's PostgreSQL system of record for every line (its own service).
+    add_historian_parser(commands)
     add_demo_parser(commands)
     # probe: commissioning reads (and, with --active, writes) straight to the PLCs.
     add_probe_parser(commands)
 
     # the running daemon's client, through the MQTT broker or the HTTP API -------------
     _add_client_parsers(commands, recipe_cmds)
+    _say_config_default(parser)
     return parser
+
+
+_CONFIG_DEFAULT = "default: $LINECTL_CONFIG_DIR or ./config"
+
+
+def _say_config_default(parser: argparse.ArgumentParser) -> None:
+    """Every command's --config help says where its default comes from: a command module
+    whose help does not (`run`'s) gets the common default appended."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _say_config_default(sub)
+        elif "--config" in action.option_strings and "default" not in (action.help or ""):
+            action.help = f"{action.help or 'configuration directory'} ({_CONFIG_DEFAULT})"
 
 
 _CLIENT_EPILOG = """\
@@ -545,8 +594,26 @@ def _map_summary(rmap: RegisterMap) -> str:
     )
 
 
+def _no_default_config(directory: Path) -> str:
+    """What `config check` without DIR says when its default directory does not exist."""
+    if "LINECTL_CONFIG_DIR" in os.environ:
+        return (
+            f"$LINECTL_CONFIG_DIR names {directory}, which does not exist: point it at the "
+            f"line's configuration directory, or write a starter configuration there with "
+            f"`linectl init {shlex.quote(str(directory))}`"
+        )
+    return (
+        "no configuration directory given, and there is no ./config here (the default; "
+        "LINECTL_CONFIG_DIR is not set). Write a starter configuration with `linectl init "
+        "DIR` and check it with `linectl config check DIR` (`linectl init config` makes it "
+        "the default in this directory)"
+    )
+
+
 def _cmd_config_check(args: argparse.Namespace, out: TextIO) -> int:
     directory = _config_dir(args.directory)
+    if args.directory is None and not directory.exists():
+        raise ConfigError(_no_default_config(directory))
     loaded = load_config(directory)
     line = loaded.line
     geo = line.geometry
@@ -686,11 +753,101 @@ def _cmd_sim(args: argparse.Namespace, out: TextIO) -> int:
     # is the package's attribute, which an earlier import may have set to the real one.
     sim_cli = sys.modules["simulators.cli"]
     sim_main = cast(Callable[[list[str]], int | None], sim_cli.main)
+    asks_help = any(word in ("-h", "--help") for word in rest)
+    if not asks_help and not _gives_config(rest):
+        directory, reference = config_dir_or_reference()
+        if reference:  # the simulators log on stderr: said there, first
+            print(reference_config_note(directory), file=sys.stderr, flush=True)
+            rest = ["--config", str(directory), *rest]
     try:
         code = sim_main(rest)
     except SystemExit as exc:  # its argparse on --help or a usage error
         code = exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    if asks_help:
+        print(
+            f"\n--config DIR defaults to $LINECTL_CONFIG_DIR, else ./config if it exists, else "
+            f"the reference configuration shipped with linectl ({reference_config_dir()}).",
+            file=out,
+        )
     return EXIT_OK if code is None else int(code)
+
+
+def _gives_config(argv: list[str]) -> bool:
+    """Whether the simulators' arguments name a configuration: --config DIR or
+    --config=DIR, or an abbreviation their argparse takes for it (--co, --conf, ...)."""
+    for word in argv:
+        if word == "--":
+            break
+        name = word.split("=", 1)[0]
+        if len(name) >= len("--co") and "--config".startswith(name):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- init
+
+_STARTER_FILES = ("line.toml", "registers/*.toml", "recipes/*.toml")
+"""What `linectl init` copies from the reference configuration (never anything a checkout
+may have added there, such as records)."""
+
+_STARTER_HEADER = """\
+# Starter configuration written by `linectl init` (linectl {version}): a copy of the
+# reference line shipped with linectl. Edit it for your line: line_id; the PLC endpoints
+# in [accelerator] and [conveyor]; registers/, your PLCs' register maps; [geometry], from
+# the line's drawings; recipes/, your validated recipes. Then check it with
+# `linectl config check DIR` (DIR: the directory that holds this file).
+#
+"""
+
+
+def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
+    """Handler of `linectl init DIR`: the reference configuration, copied to start from."""
+    target: Path = args.directory
+    source = reference_config_dir()
+    files = sorted({path for pattern in _STARTER_FILES for path in source.glob(pattern)})
+    if not (source / "line.toml").is_file():
+        raise LocalError(
+            f"{source}: the reference configuration is missing from this installation of "
+            "linectl (reinstall it)"
+        )
+    if target.exists() and not target.is_dir():
+        raise LocalError(f"{target}: exists and is not a directory; nothing written")
+    written: list[Path] = []
+    try:
+        if target.is_dir() and any(target.iterdir()) and not args.force:
+            raise LocalError(
+                f"{target}: exists and is not empty; nothing written (give another DIR, or "
+                "--force to overwrite the starter's files in it)"
+            )
+        for path in files:
+            relative = path.relative_to(source)
+            dest = target / relative
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            text = path.read_text(encoding="utf-8")
+            if relative == Path("line.toml"):
+                text = _STARTER_HEADER.format(version=__version__) + text
+            dest.write_text(text, encoding="utf-8")
+            written.append(dest)
+        records = target / "records"
+        records.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        where = exc.filename or target
+        raise LocalError(
+            f"{where}: cannot write the starter configuration: {exc.strerror}"
+        ) from None
+    print(f"wrote a starter configuration (the reference line) to {target}:", file=out)
+    for path in written:
+        print(f"  {path}", file=out)
+    print(f"  {records}{os.sep}  (the records: [records] path in line.toml)", file=out)
+    quoted = shlex.quote(str(target))
+    print(
+        "edit it for your line (PLC endpoints, register maps, geometry, recipes), then:\n"
+        f"  linectl config check {quoted}    check it\n"
+        f"  linectl sim --config {quoted}    simulated PLCs serving its register maps\n"
+        f"  linectl run --config {quoted}    the controller (in another terminal)",
+        file=out,
+    )
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- client

@@ -396,11 +396,54 @@ class ControlTuning(_Strict):
     them. Any other latched fault still needs an operator reset."""
 
 
+HISTORIAN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+"""A historian id: one MQTT topic level and part of the historian's client id: letters,
+digits, `_`, `.` and `-`, 1 to 64 characters (the rule historian.toml's `id` follows)."""
+
+
 class Records(_Strict):
-    """Where records go."""
+    """Where records go, and which plant historians keep them (docs/records.md)."""
 
     path: str = "records/linectl.sqlite"
     """SQLite database path, relative to the configuration directory unless absolute."""
+    historians: list[str] = Field(default_factory=list)
+    """Plant historians (their ids, as in their topics `historian/<id>/confirmed`) that
+    keep this line's records: the line answers their replay requests, and keeps every
+    outbox row until each of them confirmed it. Empty: none."""
+    retention_days: Annotated[float, Field(gt=0)] | None = None
+    """Delete a closed reel (metres, events, alarms, state) this many days after it
+    ended, once every historian named in `historians` confirmed it; None: keep every
+    reel. Needs at least one historian."""
+
+    @field_validator("historians")
+    @classmethod
+    def _check_historians(cls, historians: list[str]) -> list[str]:
+        faults = [
+            f"historian id {h!r} is not one MQTT topic level: 1 to 64 letters, digits, "
+            "'_', '.' or '-'"
+            for h in historians
+            if not HISTORIAN_ID_RE.fullmatch(h)
+        ]
+        seen: set[str] = set()
+        for h in historians:
+            if h in seen:
+                faults.append(f"historian id {h!r} is named twice")
+            seen.add(h)
+        if faults:
+            raise ValueError("; ".join(faults))
+        return historians
+
+    @model_validator(mode="after")
+    def _check_retention(self) -> Records:
+        # Retention deletes what a historian confirmed; with none named nothing would
+        # ever be confirmed, and a setting that silently does nothing misleads.
+        if self.retention_days is not None and not self.historians:
+            raise ValueError(
+                "retention_days needs a historian: name the plant historian(s) that keep "
+                'the records in historians (e.g. historians = ["plant"]), or remove '
+                "retention_days"
+            )
+        return self
 
 
 class MqttTls(_Strict):
@@ -611,6 +654,17 @@ class LineConfig(_Strict):
             # One fault a line, each under the `mqtt` key the error report names.
             raise ValueError("\n  mqtt: ".join(faults))
         return mqtt
+
+    @model_validator(mode="after")
+    def _check_historians_need_mqtt(self) -> LineConfig:
+        # A historian's replays and confirmations come over MQTT: without it the setting
+        # would silently do nothing (and retention would never prune).
+        if self.records.historians and not self.mqtt.enabled:
+            raise ValueError(
+                "records.historians needs mqtt.enabled = true: the plant historian takes "
+                "the records, and confirms them, over MQTT"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_http_roles(self) -> LineConfig:
@@ -988,9 +1042,38 @@ class LoadedConfig:
 
 
 def default_config_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """`LINECTL_CONFIG_DIR`, else ./config."""
+    """`LINECTL_CONFIG_DIR`, else ./config: the configuration of a command given none
+    (`linectl demo` and `linectl sim` fall back further: config_dir_or_reference)."""
     env = os.environ if environ is None else environ
     return Path(env.get("LINECTL_CONFIG_DIR", "config"))
+
+
+def reference_config_dir() -> Path:
+    """The reference configuration shipped in the package (linectl/reference/: line.toml,
+    both register maps, the recipe; package data in the wheel, config/ in a checkout links
+    to it). `linectl demo` and `linectl sim` run on it when there is no configuration, and
+    `linectl init DIR` copies it. Never written: it may sit in a read-only site-packages."""
+    return Path(__file__).resolve().parent / "reference"
+
+
+def config_dir_or_reference(environ: Mapping[str, str] | None = None) -> tuple[Path, bool]:
+    """The configuration of a simulated line (`linectl demo`, `linectl sim`) given none:
+    (directory, True) when it is the reference configuration. $LINECTL_CONFIG_DIR when set
+    (even if it does not exist: an explicit choice is never replaced, load_config says it
+    is missing), else ./config when it exists, else the reference configuration."""
+    env = os.environ if environ is None else environ
+    if "LINECTL_CONFIG_DIR" in env or Path("config").is_dir():
+        return default_config_dir(env), False
+    return reference_config_dir(), True
+
+
+def reference_config_note(directory: Path) -> str:
+    """The first line `linectl demo` and `linectl sim` print when they run on the
+    reference configuration."""
+    return (
+        f"linectl: using the reference configuration shipped with linectl ({directory}); "
+        "give --config DIR for your own (`linectl init DIR` writes one to start from)"
+    )
 
 
 def load_config(directory: Path | str, environ: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -1003,11 +1086,12 @@ def load_config(directory: Path | str, environ: Mapping[str, str] | None = None)
             f"holds line.toml: {directory.parent})"
         )
     if not directory.is_dir():
-        # The default, ./config, exists only in a checkout: say how to point elsewhere.
+        # Say how to point elsewhere, and how to make one (an installed linectl has none).
         raise ConfigError(
             f"{directory}: no such configuration directory (give --config DIR or set "
-            f"LINECTL_CONFIG_DIR; the reference configuration is config/ in linectl's "
-            f"source tree)"
+            f"LINECTL_CONFIG_DIR to the line's configuration directory, or write a starter "
+            f"one with `linectl init {directory}`; `linectl demo` and `linectl sim` without "
+            f"either run on the reference configuration shipped with linectl)"
         )
     data = read_toml(line_path)
     overrides = apply_env_overrides(data, os.environ if environ is None else environ)

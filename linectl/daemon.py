@@ -28,7 +28,7 @@ from linectl.mqtt import MqttBridge
 from linectl.service import STOP_LOCK_WAIT_S, LineService, ReelRequest, select_recipe
 from linectl.sparkplug.adapter import SparkplugEdge
 from linectl.store import RecordStore, check_database, limit_lock_waits
-from linectl.web.server import HmiServer
+from linectl.web.server import HmiServer, serve_metrics
 
 log = logging.getLogger("linectl.daemon")
 
@@ -155,7 +155,7 @@ def mqtt_bridge(service: LineService) -> MqttBridge | None:
 
 @dataclass
 class _MqttMetrics:
-    """The bridge's stats as the metrics read them (at scrape time, another thread)."""
+    """The bridge's stats as the metrics read them (at scrape time, on the loop)."""
 
     bridge: MqttBridge
 
@@ -212,7 +212,9 @@ async def run_with_bridge(
     http_port: int | None = None,
 ) -> None:
     """Run the service with its adapters beside it, as the configuration enables them:
-    the Prometheus endpoint, the MQTT bridge and the Sparkplug B edge node.
+    the Prometheus endpoint, the MQTT bridge and the Sparkplug B edge node. The Prometheus
+    endpoint (linectl.web.server.MetricsServer) is served on this event loop, not by a
+    thread of its own.
 
     The adapters stop after the service: the line is safe and the store drained first,
     then the last records are flushed and `offline` (NDEATH) published. A broker that is
@@ -225,10 +227,11 @@ async def run_with_bridge(
     cfg = service.cfg
     metrics = LineMetrics(service.line_id)
     metrics.attach(service)
+    exposition = WithoutCreated(metrics.registry)
     mcfg = cfg.line.metrics
     if metrics_port is not None:
         mcfg = mcfg.model_copy(update={"port": metrics_port})
-    server = metrics.serve_config(mcfg)
+    server = await serve_metrics(exposition, mcfg)
     service.metrics_url = None if server is None else server.url
     bridge = mqtt_bridge(service)
     tasks: list[tuple[Any, asyncio.Task[None]]] = []
@@ -249,7 +252,7 @@ async def run_with_bridge(
         hmi = HmiServer(
             service,
             cfg.line.http,
-            metrics=WithoutCreated(metrics.registry),
+            metrics=exposition,
             broker_state=_broker_state(bridge),
         )
         await hmi.start(port=http_port)
@@ -271,7 +274,7 @@ async def run_with_bridge(
         if outbox is not None:
             await asyncio.to_thread(outbox.close)
         if server is not None:
-            server.close()
+            await server.close()
 
 
 def _broker_state(bridge: MqttBridge | None) -> Callable[[], str]:

@@ -27,7 +27,14 @@ from typing import Any, TextIO
 import aiomqtt
 
 from linectl.aio import stop_task
-from linectl.config import LoadedConfig, MqttConfig, Recipe, default_config_dir, load_config
+from linectl.config import (
+    LoadedConfig,
+    MqttConfig,
+    Recipe,
+    config_dir_or_reference,
+    load_config,
+    reference_config_note,
+)
 from linectl.core.ledger import Verdict
 from linectl.daemon import run_with_bridge
 from linectl.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, LocalError
@@ -44,7 +51,14 @@ def add_demo_parser(commands: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", type=Path, default=None, help="configuration directory")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="configuration directory (default: $LINECTL_CONFIG_DIR, else ./config if it "
+        "exists, else the reference configuration shipped with linectl)",
+    )
     p.add_argument("--length", type=float, default=100.0, help="reel length, m (default 100)")
     p.add_argument("--recipe", help="recipe name (default: the line's default)")
     p.add_argument("--arc-rate", type=float, default=60.0, help="random arcs per hour")
@@ -205,7 +219,13 @@ def check_demo_args(args: argparse.Namespace) -> None:
 
 async def _demo(args: argparse.Namespace, out: TextIO) -> int:
     check_demo_args(args)
-    cfg = load_config(args.config or default_config_dir())
+    directory, reference = (
+        (args.config, False) if args.config is not None else config_dir_or_reference()
+    )
+    if reference:  # said first: a user who meant their own line sees it at once
+        out.write(reference_config_note(directory) + "\n")
+        out.flush()
+    cfg = load_config(directory)
     recipe, recipe_path = select_recipe(cfg, args.recipe)
     try:
         args.out.mkdir(parents=True, exist_ok=True)

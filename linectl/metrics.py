@@ -14,31 +14,24 @@ links' running totals advance by the difference since the last cycle.
 A metrics fault must never stop the line: every hook catches its own exceptions, logs the
 first one and carries on (linectl_metrics_errors_total counts them).
 
-The HTTP endpoint serves prometheus_client's exposition (its WSGI app) from one daemon
-thread running an asyncio loop of its own: one thread however many clients connect, a
-bounded number of connections, and a deadline for each request (a client that connects and
-sends nothing holds nothing for long). It binds the configured address (loopback by
-default). See docs/metrics.md.
+Nothing here speaks HTTP: the `[metrics]` endpoint is linectl.web.server.MetricsServer,
+on the daemon's event loop, which serves `WithoutCreated(registry)`. Scrapes read the
+registry on that loop, so every collector here must stay cheap and do no I/O (the MQTT
+series read plain attributes). See docs/metrics.md.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
-import socket
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Final, ParamSpec, Protocol, Self, assert_never
-from urllib.parse import unquote
+from typing import Final, ParamSpec, Protocol, Self, assert_never
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from linectl.config import LoadedConfig, MetricsConfig, RegisterMap
+from linectl.config import LoadedConfig, RegisterMap
 from linectl.core.control import ALARM_KINDS, Alarm, LineState, Outputs
 from linectl.core.ledger import MetreRecord, Verdict
 from linectl.errors import ConfigError, LocalError
@@ -334,8 +327,8 @@ class ServiceView(Protocol):
 
 
 class MqttStatsView(Protocol):
-    """What the metrics read from the MQTT publisher, at scrape time (from another thread:
-    plain attribute reads only)."""
+    """What the metrics read from the MQTT publisher, at scrape time (on the event loop,
+    while a scrape is answered: plain attribute reads only, no I/O)."""
 
     @property
     def connected(self) -> bool:
@@ -411,7 +404,7 @@ class _MqttCollector:
         yield from (connected, depth, dropped, backlog, published)
 
 
-# ----------------------------------------------------------------------------- server
+# ----------------------------------------------------------------------------- exposition
 
 
 class WithoutCreated:
@@ -432,305 +425,14 @@ class WithoutCreated:
             yield out
 
 
-MAX_CONNECTIONS: Final = 16
-"""Connections the endpoint holds at once. At the limit, a new connection takes the place of
-the oldest one that has not sent its request yet (an idle or slow client), or is closed at
-once when every connection is being answered."""
-REQUEST_TIMEOUT_S: Final = 5.0
-"""A client must send its whole request (line and headers) within this of connecting."""
-WRITE_TIMEOUT_S: Final = 10.0
-"""A client must take the answer within this, or the connection is dropped."""
-MAX_REQUEST_BYTES: Final = 8192
-"""Request line and headers together; a longer request is dropped unanswered."""
-
-
-@dataclass
-class HttpStats:
-    """What the endpoint has turned away (read from other threads; informative only)."""
-
-    answered: int = 0
-    """Answers sent (a 400 or 500 included)."""
-    refused: int = 0
-    """Closed at once: every connection slot was busy answering."""
-    evicted: int = 0
-    """Closed to make room: the oldest connection that had not sent its request."""
-    timed_out: int = 0
-    """Closed because the request or the answer took too long."""
-    bad: int = 0
-    """Closed or answered 400: not an HTTP request we take."""
-
-
-WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-
-class _HttpEndpoint:
-    """A minimal HTTP/1.1 server for one WSGI app: one thread with its own asyncio loop,
-    at most `max_connections` connections, one request per connection (`Connection:
-    close`), a deadline for the request and one for the answer."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        app: WsgiApp,
-        *,
-        max_connections: int = MAX_CONNECTIONS,
-        request_timeout_s: float = REQUEST_TIMEOUT_S,
-    ) -> None:
-        family, _type, _proto, _name, sockaddr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(128)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        self.socket = sock
-        self.server_port: int = sock.getsockname()[1]
-        self.app = app
-        self.max_connections = max_connections
-        self.request_timeout_s = request_timeout_s
-        self.stats = HttpStats()
-        # writer -> whether its request has been read (it is being answered); insertion
-        # order is the order of connecting, so the first waiting one is the oldest.
-        self._conns: dict[asyncio.StreamWriter, bool] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._app_failed = False
-        self._loop = asyncio.new_event_loop()
-        self._stop = asyncio.Event()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="linectl-metrics", daemon=True)
-        self.thread.start()
-        if not self._ready.wait(timeout=10.0):  # pragma: no cover - a loop that never ran
-            self._error = OSError("the endpoint's thread did not start")
-        if self._error is not None:
-            self.thread.join()
-            sock.close()
-            raise self._error
-
-    def _run(self) -> None:
-        try:
-            self._loop.run_until_complete(self._serve())
-        finally:
-            self._loop.close()
-
-    async def _serve(self) -> None:
-        try:
-            server = await asyncio.start_server(
-                self._accept, sock=self.socket, limit=MAX_REQUEST_BYTES
-            )
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            server.close()
-            for writer in list(self._conns):
-                writer.transport.abort()
-            if self._tasks:
-                await asyncio.wait(self._tasks, timeout=2.0)
-
-    def shutdown(self) -> None:
-        """Stop serving, drop every connection, close the socket; returns when done."""
-        if self.thread.is_alive():
-            with contextlib.suppress(RuntimeError):  # the loop has ended already
-                self._loop.call_soon_threadsafe(self._stop.set)
-            self.thread.join(timeout=5.0)
-        self.socket.close()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            if not self._make_room():
-                self.stats.refused += 1
-                writer.transport.abort()
-                return
-            self._conns[writer] = False
-            await self._serve_one(reader, writer)
-        except Exception:  # pragma: no cover - a bug here must cost one answer only
-            log.exception("metrics endpoint: a connection failed")
-            writer.transport.abort()
-        finally:
-            self._conns.pop(writer, None)
-            if task is not None:
-                self._tasks.discard(task)
-
-    def _make_room(self) -> bool:
-        if len(self._conns) < self.max_connections:
-            return True
-        waiting = next((w for w, answering in self._conns.items() if not answering), None)
-        if waiting is None:
-            return False
-        del self._conns[waiting]
-        waiting.transport.abort()
-        self.stats.evicted += 1
-        return True
-
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(self.request_timeout_s):
-                head = await reader.readuntil(b"\r\n\r\n")
-        except TimeoutError:
-            self.stats.timed_out += 1
-            writer.transport.abort()
-            return
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            # Gone (or evicted) before a whole request, or a request too long to take.
-            self.stats.bad += 1
-            writer.transport.abort()
-            return
-        if writer not in self._conns:  # evicted as the request came in
-            return
-        self._conns[writer] = True
-        answer = self._respond(head)
-        self.stats.answered += 1
-        writer.write(answer)
-        try:
-            async with asyncio.timeout(WRITE_TIMEOUT_S):
-                await writer.drain()
-        except (TimeoutError, ConnectionError):
-            self.stats.timed_out += 1
-            writer.transport.abort()
-            return
-        writer.close()
-
-    def _respond(self, head: bytes) -> bytes:
-        """The whole answer to one request head."""
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            self.stats.bad += 1
-            return _http(b"400 Bad Request", [], b"bad request\n")
-        method, target, _version = parts
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, sep, value = line.partition(":")
-                if not sep:
-                    self.stats.bad += 1
-                    return _http(b"400 Bad Request", [], b"bad header\n")
-                headers[name.strip().lower()] = value.strip()
-        path, _, query = target.partition("?")
-        environ: dict[str, Any] = {
-            "REQUEST_METHOD": method,
-            "PATH_INFO": unquote(path),
-            "QUERY_STRING": query,
-        }
-        for name in ("accept", "accept-encoding"):
-            if name in headers:
-                environ["HTTP_" + name.upper().replace("-", "_")] = headers[name]
-        started: list[Any] = []
-
-        def start_response(status: str, response_headers: list[tuple[str, str]]) -> None:
-            started[:] = [status, response_headers]
-
-        try:
-            body = b"".join(self.app(environ, start_response))
-            status, response_headers = started
-        except Exception:
-            if not self._app_failed:  # the first failure in full, the rest counted
-                self._app_failed = True
-                log.exception("metrics endpoint: the exposition failed")
-            self.stats.bad += 1
-            return _http(b"500 Internal Server Error", [], b"exposition failed\n")
-        return _http(
-            status.encode("latin-1"),
-            response_headers,
-            b"" if method == "HEAD" else body,
-        )
-
-
-def _http(status: bytes, headers: list[tuple[str, str]], body: bytes) -> bytes:
-    lines = [b"HTTP/1.1 " + status]
-    lines += [f"{k}: {v}".encode("latin-1") for k, v in headers if k.lower() != "content-length"]
-    lines += [b"Content-Length: %d" % len(body), b"Connection: close", b"", b""]
-    return b"\r\n".join(lines) + body
-
-
-class MetricsServer:
-    """A running /metrics endpoint. `close()` stops it and frees the port (idempotent).
-
-    One thread serves every client; at most `max_connections` are held at once, and one
-    that has not sent its request within `request_timeout_s` is closed (see
-    _HttpEndpoint)."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        registry: CollectorRegistry,
-        *,
-        max_connections: int = MAX_CONNECTIONS,
-        request_timeout_s: float = REQUEST_TIMEOUT_S,
-    ) -> None:
-        try:
-            self._server = _HttpEndpoint(
-                host,
-                port,
-                make_wsgi_app(WithoutCreated(registry)),
-                max_connections=max_connections,
-                request_timeout_s=request_timeout_s,
-            )
-        except OSError as exc:
-            raise LocalError(
-                f"metrics endpoint: cannot listen on {host}:{port}: {exc.strerror or exc}"
-            ) from None
-        self._thread = self._server.thread
-        self.host = host
-        self.port: int = self._server.server_port
-        """The bound port (the free port chosen when 0 was asked for)."""
-        self._closed = False
-        self._lock = threading.Lock()
-
-    @property
-    def stats(self) -> HttpStats:
-        """Connections answered and turned away."""
-        return self._server.stats
-
-    @property
-    def url(self) -> str:
-        """The scrape URL."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        """Stop serving and release the socket."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._server.shutdown()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
 # ----------------------------------------------------------------------------- metrics
 
 
 class LineMetrics:
     """Every linectl series of one line, in a registry of its own.
 
-    `attach(svc)` hooks it to a service; `bind_mqtt(stats)` adds the MQTT series;
-    `serve(host, port)` starts the HTTP endpoint.
+    `attach(svc)` hooks it to a service; `bind_mqtt(stats)` adds the MQTT series. The
+    daemon serves `WithoutCreated(registry)` (linectl.web.server.MetricsServer).
     """
 
     def __init__(self, line_id: str, registry: CollectorRegistry | None = None) -> None:
@@ -928,29 +630,6 @@ class LineMetrics:
         """Export the MQTT publisher's stats (read at every scrape); replaces any earlier."""
         self._mqtt.stats = stats
 
-    def serve(
-        self,
-        host: str,
-        port: int,
-        *,
-        max_connections: int = MAX_CONNECTIONS,
-        request_timeout_s: float = REQUEST_TIMEOUT_S,
-    ) -> MetricsServer:
-        """Serve /metrics on host:port (port 0: a free port); LocalError if it cannot bind."""
-        server = MetricsServer(
-            host,
-            port,
-            self.registry,
-            max_connections=max_connections,
-            request_timeout_s=request_timeout_s,
-        )
-        log.info("metrics on %s", server.url)
-        return server
-
-    def serve_config(self, config: MetricsConfig) -> MetricsServer | None:
-        """Serve as the line's [metrics] section says; None when it is disabled."""
-        return self.serve(config.host, config.port) if config.enabled else None
-
     def _guard(self, fn: Callable[P, None]) -> Callable[P, None]:
         # The hooks run inside the control cycle and the Modbus request path: a metrics
         # bug must cost a series, never the line.
@@ -1055,9 +734,9 @@ def _last(xs: Sequence[float], n: int) -> Iterable[float]:
 
 __all__ = [
     "LineMetrics",
-    "MetricsServer",
     "MqttStatsView",
     "ServiceView",
+    "WithoutCreated",
     "unit_factor",
     "verdict_label",
 ]

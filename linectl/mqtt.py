@@ -11,6 +11,10 @@ record store's outbox; what a command means is linectl.commands and the line's
   all a subscriber needs).
 - Records are read from the store's outbox on the bridge's own connection and published
   QoS 1 in order; the cursor moves only past what the broker has acknowledged.
+- For the plant historians named in `[records] historians` (docs/mqtt.md, "The plant
+  historian"): the retained `records/head`, replays of outbox ranges on request (each
+  historian's in its own task, beside the live records), the historians' confirmations
+  (their outbox cursors), and the line-side retention of confirmed reels.
 
 The connection (client, TLS, reconnect back-off, the command subscription) is made by
 linectl.broker, as for the Sparkplug edge node and the CLI client: `run()` reconnects
@@ -24,10 +28,12 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -55,19 +61,26 @@ from linectl.commands import (
     parse_command,
     request_id_of,
 )
-from linectl.config import MqttConfig
-from linectl.store import OutboxRow, RecordStore
+from linectl.config import LoadedConfig, MqttConfig, Records
+from linectl.store import OutboxRow, PruneResult, RecordStore
 from linectl.telemetry import (
     ActiveAlarm,
     AlarmView,
+    Confirmation,
     LineStatus,
     LiveValue,
+    ReplayRequest,
     ReportFilter,
+    RequestError,
     Topics,
     alarms_active_payload,
     encode,
     live_payload,
+    parse_confirmation,
+    parse_replay_request,
     record_payload,
+    records_head_payload,
+    replay_done_payload,
     schema_document,
     state_payload,
     status_payload,
@@ -81,6 +94,25 @@ CONSUMER = "mqtt"
 
 PRUNE_EVERY_S = 600.0
 """How often a long session prunes the outbox of rows every consumer has passed."""
+
+HISTORIAN_CURSOR_PREFIX = "historian:"
+"""A historian's outbox cursor is `historian:<hid>`: how far it confirmed the records."""
+
+HEAD_EVERY_S = 1.0
+"""`records/head` is published at most this often (and only when it changed)."""
+
+RETENTION_EVERY_S = 3600.0
+"""How often the line-side retention runs (and once when the bridge starts)."""
+
+RETENTION_BATCH = 20
+"""Reels pruned per store call: the bridge can stop between calls."""
+
+_T = TypeVar("_T")
+
+
+def historian_cursor(historian: str) -> str:
+    """The outbox cursor (consumer) name of historian `historian`."""
+    return f"{HISTORIAN_CURSOR_PREFIX}{historian}"
 
 
 class LineEndpoint(Protocol):
@@ -141,6 +173,13 @@ class BridgeStats:
     """Outbox records not yet acknowledged by the broker."""
     commands: int = 0
     last_error: str = ""
+    replays: int = 0
+    """Replay requests answered (done published), refused ones included."""
+    records_replayed: int = 0
+    """Outbox rows published on `replayed/<hid>/<kind>`."""
+    confirmations: int = 0
+    """Historian confirmations taken: their historian's cursor set to their seq (a
+    cursor never moves back)."""
 
 
 class LiveQueue:
@@ -183,6 +222,29 @@ class LiveQueue:
         return [self._items.popleft() for _ in range(n)]
 
 
+class _Newest(Generic[_T]):
+    """The newest item per key, waiting for its worker: a newer item replaces a queued one
+    (a historian's newer replay request, its newer confirmation), so a flood from one
+    historian holds one item, in bounded memory, and never queues work."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, _T] = {}
+        self._ready = asyncio.Event()
+
+    def put(self, key: str, item: _T) -> None:
+        """Queue `item` for `key`, replacing the one queued (if any)."""
+        self._items[key] = item
+        self._ready.set()
+
+    async def take(self) -> dict[str, _T]:
+        """Wait for at least one item; take every one queued."""
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        items, self._items = self._items, {}
+        return items
+
+
 class _Stopped(Exception):  # noqa: N818 - a signal inside the task group, not an error
     """Raised inside a session's task group when stop() was called."""
 
@@ -211,9 +273,18 @@ class MqttBridge:
         per_sender_queue: int = 8,
         max_command_senders: int = 64,
         refusal_window_s: float = 10.0,
+        records: Records | None = None,
+        head_every_s: float = HEAD_EVERY_S,
+        retention_every_s: float = RETENTION_EVERY_S,
     ) -> None:
         self.line = line
         self.cfg = cfg
+        self.records = records if records is not None else _records_config(line)
+        """`[records]`: the historians served and the retention (None: the line's own
+        configuration when the line has one, LineService's `cfg`; else no historian)."""
+        self.historians: tuple[str, ...] = tuple(self.records.historians)
+        self.head_every_s = head_every_s
+        self.retention_every_s = retention_every_s
         self.line_id = line_id
         self.topics = Topics.for_line(cfg.topic_prefix, line_id)
         self.store_path = store_path
@@ -256,6 +327,13 @@ class MqttBridge:
         self._session_ms = 0
         self.connected = asyncio.Event()
         """Set while a session is up (tests wait on it)."""
+        self._store_id = ""
+        # Per session (made afresh at each connect): what the historians asked for.
+        self._replay_boxes: dict[str, _Newest[ReplayRequest | RequestError]] = {}
+        self._confirm_box: _Newest[Confirmation] = _Newest()
+        self._strangers: set[str] = set()  # historian ids not configured, warned this session
+        self._went_back: dict[str, int] = {}  # historian -> confirmed seq logged as too high
+        self._retained_s: float | None = None  # when retention last ran (self.clock)
 
     # ------------------------------------------------------------------ control-cycle side
 
@@ -364,6 +442,14 @@ class MqttBridge:
             # Retain-as-published (MQTT 5): a retained command is seen as one even when it
             # is published while we are connected, and refused (`_handle`).
             await subscribe_commands(client, self.topics.cmd_filter, self.protocol)
+            self._replay_boxes = {hid: _Newest() for hid in self.historians}
+            self._confirm_box = _Newest()
+            self._strangers = set()
+            # Subscribed whatever the configuration, so that a historian the line does not
+            # know is told about in the log (it would wait for answers that never come).
+            # Retain-as-published: a retained replay request is told from a live one.
+            await subscribe_commands(client, self.topics.replay_filter, self.protocol)
+            await subscribe_commands(client, self.topics.confirmed_filter, self.protocol)
             await self._publish(client, self.topics.status, self._status(True), qos=1, retain=True)
             await self._publish(
                 client, self.topics.schema, encode(schema_document()), qos=1, retain=True
@@ -384,6 +470,18 @@ class MqttBridge:
                     tg.create_task(self._live(client), name="mqtt-live")
                     tg.create_task(self._states(client), name="mqtt-state")
                     tg.create_task(self._records(client, store, session_seq), name="mqtt-records")
+                    tg.create_task(self._head(client, store), name="mqtt-records-head")
+                    tg.create_task(self._confirmations(store), name="mqtt-confirmations")
+                    replay_sem = asyncio.Semaphore(self._replay_inflight)
+                    for hid, box in self._replay_boxes.items():
+                        tg.create_task(
+                            self._replays(
+                                client, store, hid, box=box, sem=replay_sem, session_seq=session_seq
+                            ),
+                            name=f"mqtt-replay-{hid}",
+                        )
+                    if self.records.retention_days is not None:
+                        tg.create_task(self._retention(store), name="mqtt-retention")
                     tg.create_task(self._until_stopped(), name="mqtt-stop")
             except* _Stopped:
                 pass
@@ -406,8 +504,35 @@ class MqttBridge:
     async def _open_store(self) -> RecordStore:
         if self._store is None:
             # Its own connection: reads never wait on the service's writer thread.
-            self._store = await asyncio.to_thread(RecordStore, self.store_path)
+            store = await asyncio.to_thread(RecordStore, self.store_path)
+            self._store_id = await asyncio.to_thread(lambda: store.store_id)
+            await asyncio.to_thread(self._historian_cursors, store)
+            self._store = store
         return self._store
+
+    def _historian_cursors(self, store: RecordStore) -> None:
+        """Make each named historian's outbox cursor (at 0 when new), before anything is
+        pruned: from the bridge's start the outbox keeps every row until the historians
+        confirm it. The cursor of a historian no longer named is removed (else the outbox
+        would wait for it forever), loudly."""
+        for hid in self.historians:
+            store.advance_outbox_cursor(historian_cursor(hid), 0)  # never moves one back
+        for consumer, seq in store.outbox_consumers().items():
+            hid = consumer.removeprefix(HISTORIAN_CURSOR_PREFIX)
+            if consumer.startswith(HISTORIAN_CURSOR_PREFIX) and hid not in self.historians:
+                store.remove_outbox_cursor(consumer)
+                log.warning(
+                    "historian %r is no longer in [records] historians: its outbox cursor "
+                    "(confirmed up to seq %d) is removed, and the outbox no longer waits for it",
+                    hid,
+                    seq,
+                )
+
+    @property
+    def _replay_inflight(self) -> int:
+        # Half the window: the live records' publishes never queue behind more than half a
+        # window of replayed ones in the client (they share one connection).
+        return max(1, self.cfg.max_inflight // 2)
 
     async def _until_stopped(self) -> None:
         await self._stopping.wait()
@@ -476,45 +601,346 @@ class MqttBridge:
                 # Polled: the writer is another thread (or process); a read is cheap.
                 await asyncio.sleep(self.poll_s)
                 continue
+            messages = [
+                (
+                    self.topics.record(row.kind),
+                    self._record_bytes(row, historical=row.seq <= session_seq),
+                )
+                for row in rows
+            ]
             done = [False] * len(rows)
-
-            async def send(i: int, row: OutboxRow, done: list[bool]) -> None:
-                try:
-                    await self._publish(
-                        client,
-                        self.topics.record(row.kind),
-                        _record_bytes(row, historical=row.seq <= session_seq),
-                        qos=1,
-                        retain=False,
-                    )
-                    done[i] = True
-                    self.stats.records_published += 1
-                finally:
-                    sem.release()
-
-            tasks: list[asyncio.Task[None]] = []
             try:
-                for i, row in enumerate(rows):
-                    # Acquired here, in order: publishes start in seq order.
-                    await sem.acquire()
-                    tasks.append(asyncio.create_task(send(i, row, done)))
-                await asyncio.gather(*tasks)
+                await self._publish_bounded(client, messages, sem, done)
             finally:
                 # What the broker acknowledged, in an unbroken run from the cursor.
                 n = next((i for i, ok in enumerate(done) if not ok), len(done))
                 if n:
                     self._acked_seq = rows[n - 1].seq
-                for t in tasks:
-                    t.cancel()
+                self.stats.records_published += sum(done)
             cursor = rows[-1].seq
             await self._save_cursor(store)
             self.stats.replay_backlog = max(0, last - cursor)
+
+    async def _publish_bounded(
+        self,
+        client: aiomqtt.Client,
+        messages: Iterable[tuple[str, bytes]] | AsyncIterator[tuple[str, bytes]],
+        sem: asyncio.Semaphore,
+        done: list[bool] | None = None,
+    ) -> int:
+        """Publish (topic, payload) pairs QoS 1, not retained, starting them in order with
+        at most `sem`'s count unacknowledged at once; `done[i]` is set when message i was
+        acknowledged. Returns how many were published, when every one was acknowledged;
+        the first failure cancels the rest and is raised. The live records and the
+        replays both publish through it. An async iterator of messages (a replay reading
+        the outbox page by page) is read while the messages before are in flight, so the
+        window never drains between pages."""
+
+        async def send(i: int, topic: str, payload: bytes) -> None:
+            try:
+                await self._publish(client, topic, payload, qos=1, retain=False)
+                if done is not None:
+                    done[i] = True
+            finally:
+                sem.release()
+
+        async def each() -> AsyncIterator[tuple[str, bytes]]:
+            if isinstance(messages, AsyncIterator):
+                async for m in messages:
+                    yield m
+            else:
+                for m in messages:
+                    yield m
+
+        tasks: list[asyncio.Task[None]] = []
+        n = 0
+        try:
+            async for topic, payload in each():
+                # Acquired here, in order: publishes start in seq order.
+                await sem.acquire()
+                tasks.append(asyncio.create_task(send(n, topic, payload)))
+                n += 1
+                if len(tasks) > 4 * self.cfg.max_inflight:
+                    # A long replay: forget the acknowledged ones (a failure is raised).
+                    for t in tasks:
+                        if t.done():
+                            t.result()
+                    tasks = [t for t in tasks if not t.done()]
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+        return n
+
+    def _record_bytes(self, row: OutboxRow, *, historical: bool, replay: bool = False) -> bytes:
+        payload = record_payload(
+            row.seq,
+            row.kind,
+            row.t,
+            row.data,
+            historical=historical,
+            store_id=self._store_id,
+            replay=replay,
+        )
+        return encode(payload)
 
     async def _save_cursor(self, store: RecordStore) -> None:
         seq = self._acked_seq
         if seq is not None:
             await asyncio.to_thread(store.advance_outbox_cursor, self.consumer, seq)
             self._acked_seq = None
+
+    # ------------------------------------------------------------------ the plant historian
+
+    async def _head(self, client: aiomqtt.Client, store: RecordStore) -> None:
+        """`records/head`, retained: at once (every connect), then at most once per
+        `head_every_s` while it changed (its seq grows with every record; its first_seq
+        when the outbox is pruned)."""
+        sent: tuple[int, int] | None = None
+        while True:
+            head = await asyncio.to_thread(_outbox_head, store)
+            if head != sent:
+                payload = records_head_payload(self._store_id, head[0], head[1], self.wall_ms())
+                await self._publish(
+                    client, self.topics.records_head, encode(payload), qos=1, retain=True
+                )
+                sent = head
+            await asyncio.sleep(self.head_every_s)
+
+    def _historian_message(self, message: aiomqtt.Message) -> bool:
+        """Take a replay request or a confirmation off the connection (never waiting: the
+        work is its worker's); False for any other topic."""
+        topic = message.topic.value
+        hid = self.topics.parse_replay(topic)
+        if hid is not None:
+            if self._known_historian(hid, "replay request"):
+                item = _replay_item(message)
+                if isinstance(item, RequestError):
+                    log.error("replay request from historian %r refused: %s", hid, item)
+                self._replay_boxes[hid].put(hid, item)
+            return True
+        hid = self.topics.parse_confirmed(topic)
+        if hid is not None:
+            if self._known_historian(hid, "confirmation"):
+                try:
+                    conf = parse_confirmation(_raw(message))
+                except RequestError as exc:
+                    log.error("confirmation from historian %r refused: %s", hid, exc)
+                else:
+                    self._confirm_box.put(hid, conf)
+            return True
+        return False
+
+    def _known_historian(self, hid: str, what: str) -> bool:
+        if hid in self.historians:
+            return True
+        if hid not in self._strangers:
+            # Once per session and id: a historian's retries must not flood the log.
+            self._strangers.add(hid)
+            log.warning(
+                "%s from historian %r ignored: it is not in [records] historians (%s); "
+                "name it there for the line to serve it",
+                what,
+                hid[:64],
+                ", ".join(self.historians) or "none",
+            )
+        return False
+
+    async def _replays(
+        self,
+        client: aiomqtt.Client,
+        store: RecordStore,
+        hid: str,
+        *,
+        box: _Newest[ReplayRequest | RequestError],
+        sem: asyncio.Semaphore,
+        session_seq: int,
+    ) -> None:
+        """One historian's replays, one at a time, in their own task (the live records
+        go on beside them); a request that came while one ran waits, and a newer one
+        replaces it."""
+        while True:
+            item = (await box.take())[hid]
+            if isinstance(item, RequestError):
+                done = replay_done_payload(
+                    item.request_id,
+                    item.from_seq,
+                    item.to_seq,
+                    (),
+                    self.wall_ms(),
+                    error=str(item),
+                )
+            else:
+                done = await self._replay(
+                    client, store, hid, item, sem=sem, session_seq=session_seq
+                )
+            await self._publish(
+                client, self.topics.replay_done(hid), encode(done), qos=1, retain=False
+            )
+            self.stats.replays += 1
+
+    async def _replay(
+        self,
+        client: aiomqtt.Client,
+        store: RecordStore,
+        hid: str,
+        req: ReplayRequest,
+        *,
+        sem: asyncio.Semaphore,
+        session_seq: int,
+    ) -> dict[str, Any]:
+        """Publish the outbox rows req.from_seq..req.to_seq still held, in seq order, on
+        `replayed/<hid>/<kind>`, every one acknowledged; return the `done` payload with
+        the sub-ranges not held (pruned, or never written)."""
+        log.info(
+            "replaying seq %d..%d for historian %r (request %r)",
+            req.from_seq,
+            req.to_seq,
+            hid,
+            req.request_id,
+        )
+        missing: list[tuple[int, int]] = []
+        expect = req.from_seq
+
+        async def held() -> AsyncIterator[tuple[str, bytes]]:
+            nonlocal expect
+            while expect <= req.to_seq:
+                rows = await asyncio.to_thread(store.outbox_range, expect, req.to_seq, self.batch)
+                if not rows:
+                    break
+                for row in rows:
+                    if row.seq > expect:
+                        missing.append((expect, row.seq - 1))
+                    expect = row.seq + 1
+                    yield (
+                        self.topics.replayed(hid, row.kind),
+                        self._record_bytes(row, historical=row.seq <= session_seq, replay=True),
+                    )
+
+        self.stats.records_replayed += await self._publish_bounded(client, held(), sem)
+        if expect <= req.to_seq:
+            missing.append((expect, req.to_seq))
+        if missing:
+            log.info(
+                "replay for historian %r: seq %s no longer held or never written",
+                hid,
+                ", ".join(f"{lo}..{hi}" for lo, hi in missing[:10]),
+            )
+        return replay_done_payload(
+            req.request_id, req.from_seq, req.to_seq, missing, self.wall_ms()
+        )
+
+    async def _confirmations(self, store: RecordStore) -> None:
+        while True:
+            for hid, conf in (await self._confirm_box.take()).items():
+                await self._confirm(store, hid, conf)
+
+    async def _confirm(self, store: RecordStore, hid: str, conf: Confirmation) -> None:
+        """Advance historian `hid`'s outbox cursor to the seq it confirmed, when the
+        confirmation is for this store and possible."""
+        if conf.store_id != self._store_id:
+            # Another store's (this line's store before it was replaced, or another
+            # line's): nothing of this store is confirmed by it.
+            log.info(
+                "historian %r confirms seq %d of store %s, not of this line's store %s: ignored",
+                hid,
+                conf.seq,
+                conf.store_id[:64],
+                self._store_id,
+            )
+            return
+        newest = await asyncio.to_thread(store.outbox_last_seq)
+        if conf.seq > newest:
+            if self._went_back.get(hid) != conf.seq:
+                self._went_back[hid] = conf.seq
+                log.error(
+                    "historian %r confirms seq %d of this store (%s), but its newest seq is "
+                    "%d: the store went back (restored from a backup?). Records the "
+                    "historian holds above seq %d are no longer on the line, and new ones "
+                    "will reuse their seqs; the historian's cursor is not advanced "
+                    '(docs/records.md, "Store identity")',
+                    hid,
+                    conf.seq,
+                    self._store_id,
+                    newest,
+                    newest,
+                )
+            return
+        self._went_back.pop(hid, None)
+        await asyncio.to_thread(store.advance_outbox_cursor, historian_cursor(hid), conf.seq)
+        self.stats.confirmations += 1
+        log.debug("historian %r confirmed seq %d", hid, conf.seq)
+
+    async def _retention(self, store: RecordStore) -> None:
+        """The line-side retention: at once when the bridge starts, then every
+        `retention_every_s` (across reconnects: at most that often)."""
+        while True:
+            last = self._retained_s
+            wait_s = 0.0 if last is None else last + self.retention_every_s - self.clock()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+                continue
+            self._retained_s = self.clock()
+            try:
+                await self._prune_confirmed(store)
+            except Exception:
+                # A locked database, a full disk: tried again next time, and the session
+                # (the live records) goes on.
+                log.exception("retention failed; it runs again in %.0f s", self.retention_every_s)
+
+    async def _prune_confirmed(self, store: RecordStore) -> PruneResult:
+        """Delete the reels every named historian confirmed that ended more than
+        `retention_days` ago (RecordStore.prune_confirmed); log what went."""
+        days = self.records.retention_days
+        assert days is not None
+        confirmed = min(
+            [
+                await asyncio.to_thread(store.outbox_cursor, historian_cursor(hid))
+                for hid in self.historians
+            ]
+        )
+        before_ms = self.wall_ms() - round(days * 86_400_000)
+        before_iso = datetime.fromtimestamp(before_ms / 1000, UTC).isoformat(
+            timespec="milliseconds"
+        )
+        total = PruneResult()
+        after = 0
+        while True:
+            result = await asyncio.to_thread(
+                partial(
+                    store.prune_confirmed,
+                    before_iso,
+                    confirmed,
+                    limit=RETENTION_BATCH,
+                    after_end_seq=after,
+                )
+            )
+            total += result
+            if result.resume_after is None:
+                break
+            after = result.resume_after
+        if total.reels:
+            log.info(
+                "retention: deleted %d reel(s) ended before %s and confirmed (up to seq %d) "
+                "by every historian (%s): %s; with %d metres, %d audit events, %d alarms, "
+                "%d state rows",
+                len(total.reels),
+                before_iso,
+                confirmed,
+                ", ".join(self.historians),
+                _first(total.reels),
+                total.metres,
+                total.events,
+                total.alarms,
+                total.reel_states,
+            )
+        if total.kept:
+            log.info(
+                "retention: %d reel(s) due kept: %s",
+                len(total.kept),
+                _first([f"{reel_id}: {why}" for reel_id, why in total.kept], sep="; "),
+            )
+        return total
 
     # ------------------------------------------------------------------ commands
 
@@ -534,7 +960,8 @@ class MqttBridge:
                 tg.create_task(self._serve_commands(client, inbox, wake, tg), name="mqtt-cmd-serve")
                 tg.create_task(self._audit_refusals_every_window(), name="mqtt-cmd-tally")
                 async for message in client.messages:
-                    self._receive(client, message, inbox, wake, tg)
+                    if not self._historian_message(message):
+                        self._receive(client, message, inbox, wake, tg)
         finally:
             self._flush_refusals()
 
@@ -698,8 +1125,46 @@ class MqttBridge:
         )
 
 
-def _record_bytes(row: OutboxRow, *, historical: bool) -> bytes:
-    return encode(record_payload(row.seq, row.kind, row.t, row.data, historical=historical))
+def _records_config(line: object) -> Records:
+    """The line's `[records]` when the line carries its configuration (LineService's
+    `cfg`), else the defaults (no historian)."""
+    cfg = getattr(line, "cfg", None)
+    return cfg.line.records if isinstance(cfg, LoadedConfig) else Records()
+
+
+def _raw(message: aiomqtt.Message) -> bytes | str:
+    payload = message.payload
+    return payload if isinstance(payload, bytes | str) else str(payload)
+
+
+def _replay_item(message: aiomqtt.Message) -> ReplayRequest | RequestError:
+    """A replay request, or why it is refused."""
+    try:
+        req = parse_replay_request(_raw(message))
+    except RequestError as exc:
+        return exc
+    if message.retain:
+        # Retained, it would be answered again at every connection, long after it was
+        # asked (and the historian may not be listening for it any more).
+        return RequestError(
+            "retained replay requests are refused: publish them with retain=false",
+            request_id=req.request_id,
+            from_seq=req.from_seq,
+            to_seq=req.to_seq,
+        )
+    return req
+
+
+def _first(items: Sequence[str], n: int = 20, *, sep: str = ", ") -> str:
+    """The first `n` items joined, and how many more (a first retention may delete a
+    year of reels: the log line stays readable)."""
+    more = f"{sep}and {len(items) - n} more" if len(items) > n else ""
+    return sep.join(items[:n]) + more
+
+
+def _outbox_head(store: RecordStore) -> tuple[int, int]:
+    """(newest seq, oldest seq held) of the outbox."""
+    return store.outbox_last_seq(), store.outbox_first_seq()
 
 
 def _describe(exc: BaseException) -> str:
@@ -717,9 +1182,11 @@ async def wait_connected(bridge: MqttBridge, timeout_s: float) -> None:
 
 __all__ = [
     "CONSUMER",
+    "HISTORIAN_CURSOR_PREFIX",
     "BridgeStats",
     "LineEndpoint",
     "LiveQueue",
     "MqttBridge",
+    "historian_cursor",
     "wait_connected",
 ]

@@ -26,13 +26,13 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from linectl.config import default_config_dir, load_config
 from linectl.core.faults import name_fault_codes
 from linectl.core.ledger import Verdict
 from linectl.errors import EXIT_BAD_INPUT, EXIT_OK, LinectlError, LocalError
-from linectl.store import AuditEvent, RecordStore, ReelRecord, StoredMetre
+from linectl.store import Alarm, AuditEvent, RecordStore, ReelRecord, StoredMetre
 
 REPORT_SCHEMA = "linectl.reel-report/1"
 CUT_LIST_SCHEMA = "linectl.cut-list/1"
@@ -401,7 +401,20 @@ def _event_json(e: AuditEvent) -> dict[str, Any]:
     }
 
 
-def build_report(store: RecordStore, reel_id: str) -> dict[str, Any]:
+class ReelSource(Protocol):
+    """Where a reel's records are read from: a line's store (RecordStore) or the plant
+    historian (linectl.historian.reader), so that both give the same report."""
+
+    def reel(self, reel_id: str) -> ReelRecord: ...
+
+    def metres(self, reel_id: str) -> list[StoredMetre]: ...
+
+    def events(self, reel_id: str | None = None) -> list[AuditEvent]: ...
+
+    def alarms(self, reel_id: str | None = None) -> list[Alarm]: ...
+
+
+def build_report(store: ReelSource, reel_id: str) -> dict[str, Any]:
     """The report of one reel as a JSON-able dict (docs/records.md); LocalError if unknown.
     Every view (text, CSV, cut list, PNG, PDF) renders this dict and nothing else.
 
@@ -1096,14 +1109,23 @@ def list_reels(store: RecordStore) -> list[dict[str, Any]]:
     return out
 
 
-def write_list_text(reels: Sequence[dict[str, Any]], out: TextIO) -> None:
+def write_list_text(
+    reels: Sequence[dict[str, Any]], out: TextIO, *, where: str = "the record store"
+) -> None:
     """One line per reel; an open reel says so where its end would be."""
     if not reels:
-        out.write("no reels in the record store\n")
+        out.write(f"no reels in {where}\n")
         return
-    head = ("reel", "started", "ended", "recipe", "recorded", "in spec", "out", "operator")
+    # The plant-wide list (the historian's) names each reel's line and verdict.
+    plant = "line_id" in reels[0]
+    head: tuple[str, ...] = (
+        "reel", "started", "ended", "recipe", "recorded", "in spec", "out", "operator",
+    )  # fmt: skip
+    if plant:
+        head = ("line", *head, "verdict")
     rows = [
         (
+            *((r["line_id"],) if plant else ()),
             r["reel_id"],
             r["started_at"] or "",
             r["ended_at"] or "(open)",
@@ -1112,6 +1134,7 @@ def write_list_text(reels: Sequence[dict[str, Any]], out: TextIO) -> None:
             str(r["in_spec"]),
             str(r["out_of_spec"]),
             r["operator"],
+            *((r["verdict"],) if plant else ()),
         )
         for r in reels
     ]
@@ -1123,12 +1146,16 @@ def write_list_text(reels: Sequence[dict[str, Any]], out: TextIO) -> None:
             out.write(f"{r['reel_id']}: {r['end_reason']}\n")
 
 
-def write_list_csv(reels: Sequence[dict[str, Any]], out: TextIO) -> None:
-    """One CSV row per reel, the columns of the JSON list."""
+def write_list_csv(reels: Sequence[dict[str, Any]], out: TextIO, *, plant: bool = False) -> None:
+    """One CSV row per reel, the columns of the JSON list (`plant`: the historian's list,
+    with each reel's line and verdict)."""
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(_LIST_COLUMNS)
+    columns: tuple[str, ...] = _LIST_COLUMNS
+    if plant or (reels and "line_id" in reels[0]):
+        columns = ("line_id", *columns, "verdict")
+    w.writerow(columns)
     for r in reels:
-        w.writerow(["" if r[c] is None else r[c] for c in _LIST_COLUMNS])
+        w.writerow(["" if r[c] is None else r[c] for c in columns])
 
 
 # --------------------------------------------------------------------------- command line
@@ -1164,6 +1191,21 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="configuration directory whose [records] path names the database "
         "(default: $LINECTL_CONFIG_DIR or ./config)",
     )
+    where.add_argument(
+        "--historian",
+        metavar="DSN",
+        help="read the plant historian's PostgreSQL database instead of a line's store "
+        "(a libpq connection string, e.g. 'host=db1 dbname=linectl'; docs/historian.md): "
+        "every line's reels, with the filters below",
+    )
+    plant = p.add_argument_group("plant-wide (with --historian)")
+    plant.add_argument("--line", metavar="LINE", help="only this line's reels")
+    plant.add_argument("--product", metavar="PRODUCT", help="only reels of this recipe product")
+    plant.add_argument(
+        "--since", metavar="DATE", help="only reels started at or after DATE (ISO 8601)"
+    )
+    plant.add_argument("--until", metavar="DATE", help="only reels started before DATE (ISO 8601)")
+    plant.add_argument("--verdict", choices=(RELEASE, HOLD), help="only reels with this verdict")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print the full report as JSON")
     fmt.add_argument("--csv", action="store_true", help="print one CSV row per metre")
@@ -1193,6 +1235,55 @@ def _db_path(args: argparse.Namespace) -> Path:
     return loaded.resolve(loaded.line.records.path)
 
 
+def _historian_reader(dsn: str) -> Any:
+    try:
+        from linectl.historian.reader import HistorianReader  # noqa: PLC0415 (optional extra)
+    except ImportError as exc:
+        raise LocalError(
+            f"--historian needs linectl's historian extra (pip install 'linectl[historian]'): {exc}"
+        ) from None
+    return HistorianReader(dsn)
+
+
+def _iso_arg(text: str | None, option: str) -> str | None:
+    if text is None:
+        return None
+    if _parse_time(text) is None:
+        raise LocalError(f"{option} {text!r}: not an ISO 8601 date or time")
+    return text
+
+
+def _historian_list(dsn: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    since = _iso_arg(getattr(args, "since", None), "--since")
+    until = _iso_arg(getattr(args, "until", None), "--until")
+    with _historian_reader(dsn) as reader:
+        rows: list[dict[str, Any]] = reader.reel_list(
+            line_id=getattr(args, "line", None),
+            product=getattr(args, "product", None),
+            since=since,
+            until=until,
+            verdict=getattr(args, "verdict", None),
+        )
+    return rows
+
+
+def _historian_report(dsn: str, reel_id: str, line_id: str | None) -> dict[str, Any]:
+    """One reel's report from the historian: the same code as from a line's store."""
+    with _historian_reader(dsn) as reader:
+        lines: list[str] = reader.lines_of_reel(reel_id)
+        if line_id is None:
+            if not lines:
+                raise LocalError(f"no reel {reel_id!r} in the historian")
+            if len(lines) > 1:
+                raise LocalError(
+                    f"reel {reel_id!r} exists on lines {', '.join(sorted(lines))}: give --line"
+                )
+            line_id = lines[0]
+        elif line_id not in lines:
+            raise LocalError(f"no reel {reel_id!r} of line {line_id!r} in the historian")
+        return build_report(reader.source(line_id), reel_id)
+
+
 def _output_format(args: argparse.Namespace) -> str:
     if getattr(args, "json", False):
         return "json"
@@ -1209,26 +1300,39 @@ def run_report(args: argparse.Namespace, out: TextIO | None = None) -> int:
     pdf = getattr(args, "pdf", None)
     cut_only = getattr(args, "cut_list", False)
     try:
-        path = _db_path(args)
-        if not path.is_file():
-            raise LocalError(f"{path}: no record database there")
         if args.reel is None:
             for given, option in ((args.plot, "--plot"), (pdf, "--pdf"), (cut_only, "--cut-list")):
                 if given:
                     raise LocalError(f"{option} needs a REEL")
-        with RecordStore(path) as store:
-            if args.reel is None:
-                reels = list_reels(store)
-            else:
-                report = build_report(store, args.reel)
+        historian = getattr(args, "historian", None)
+        if historian is None:
+            for option in ("line", "product", "since", "until", "verdict"):
+                if getattr(args, option, None) is not None:
+                    raise LocalError(f"--{option} needs --historian DSN (a plant-wide list)")
+            path = _db_path(args)
+            if not path.is_file():
+                raise LocalError(f"{path}: no record database there")
+            with RecordStore(path) as store:
+                if args.reel is None:
+                    reels = list_reels(store)
+                else:
+                    report = build_report(store, args.reel)
+        elif args.reel is None:
+            reels = _historian_list(historian, args)
+        else:
+            for option in ("product", "since", "until", "verdict"):
+                if getattr(args, option, None) is not None:
+                    raise LocalError(f"--{option} filters the list of reels: give no REEL")
+            report = _historian_report(historian, args.reel, getattr(args, "line", None))
         if args.reel is None:
             if form == "json":
                 json.dump({"schema": LIST_SCHEMA, "reels": reels}, out, indent=2)
                 out.write("\n")
             elif form == "csv":
-                write_list_csv(reels, out)
+                write_list_csv(reels, out, plant=historian is not None)
             else:
-                write_list_text(reels, out)
+                where = "the record store" if historian is None else "the historian"
+                write_list_text(reels, out, where=where)
             return EXIT_OK
         if args.plot is not None:
             write_plot(report, args.plot)

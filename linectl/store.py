@@ -22,6 +22,12 @@ an `outbox` row in the same transaction, so a record on disk always has its outb
 Publishers read the outbox in `seq` order on their own `RecordStore` (their own
 connection) and advance a named, persisted cursor only past what their broker has
 acknowledged.
+
+Identity and retention (docs/records.md, "Store identity" and "Retention"): every store
+file gets a random `store_id` once, when it is created, so that a plant historian can tell
+one store's sequence numbers from another's (a new file, or a file restored from a backup
+whose sequence went back). `prune_confirmed` deletes closed reels a historian has
+confirmed, and nothing else ever deletes a record.
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ import math
 import sqlite3
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -48,7 +55,7 @@ _T = TypeVar("_T")
 
 log = logging.getLogger("linectl.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA_V1 = """
 CREATE TABLE reels (
@@ -140,8 +147,57 @@ CREATE TABLE alarm_shelves (
 CREATE UNIQUE INDEX alarm_shelves_in_force ON alarm_shelves (kind) WHERE ended_at IS NULL;
 """
 
-# Index i holds the script that takes the schema from version i to i + 1.
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+# Version 4: the store's identity (store_meta: key `store_id`, a uuid4 made once), the
+# outbox seq of each closed reel's end record (reels.end_seq: retention deletes a reel only
+# once the historians confirmed it, and the outbox row may be pruned long before), and the
+# reels retention deleted (pruned_reels: a reel id stays used once, and the report can say
+# where the reel went). end_seq of a reel closed before version 4 is taken from its end
+# record when the outbox still holds it; NULL otherwise, and such a reel is never pruned.
+_SCHEMA_V4 = """
+CREATE TABLE store_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+ALTER TABLE reels ADD COLUMN end_seq INTEGER;
+UPDATE reels SET end_seq = ends.seq FROM (
+    SELECT json_extract(data, '$.reel_id') AS reel_id, MAX(seq) AS seq FROM outbox
+    WHERE kind = 'reel' AND json_extract(data, '$.event') = 'end' GROUP BY 1
+) AS ends WHERE reels.reel_id = ends.reel_id AND reels.state = 'closed';
+CREATE TABLE pruned_reels (
+    reel_id       TEXT PRIMARY KEY,
+    line_id       TEXT NOT NULL,
+    started_at    TEXT NOT NULL,
+    ended_at      TEXT NOT NULL,
+    end_seq       INTEGER NOT NULL,
+    metres        INTEGER NOT NULL,
+    pruned_before TEXT NOT NULL
+);
+"""
+
+
+def _migrate_v4(db: sqlite3.Connection) -> None:
+    _run_script(db, _SCHEMA_V4)
+    # Made here, once: a file created new, and a version-3 file at its upgrade, get their
+    # identity in the same transaction as the table that holds it.
+    db.execute("INSERT INTO store_meta (key, value) VALUES ('store_id', ?)", (str(uuid.uuid4()),))
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """Run the statements of `script` inside the caller's transaction (executescript
+    would commit it)."""
+    for stmt in script.split(";"):
+        if stmt.strip():
+            db.execute(stmt)
+
+
+# Index i holds the step that takes the schema from version i to i + 1: a script, or a
+# function for a step that needs more than SQL (a value made in Python).
+_MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
+    _SCHEMA_V1,
+    _SCHEMA_V2,
+    _SCHEMA_V3,
+    _migrate_v4,
+)
 
 OUTBOX_KEEP = 100_000
 """Outbox rows kept after every consumer has passed them (for late diagnosis)."""
@@ -335,6 +391,34 @@ class OutboxRow:
 
 
 @dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What `prune_confirmed` deleted, and the old, confirmed reels it kept and why."""
+
+    reels: tuple[str, ...] = ()
+    """The reels deleted, oldest end first."""
+    metres: int = 0
+    events: int = 0
+    alarms: int = 0
+    reel_states: int = 0
+    kept: tuple[tuple[str, str], ...] = ()
+    """(reel id, why) of reels old enough and confirmed that were kept all the same."""
+    resume_after: int | None = None
+    """The call stopped at its `limit`: pass this as `after_end_seq` to go on (None: every
+    reel due was looked at)."""
+
+    def __add__(self, other: PruneResult) -> PruneResult:
+        return PruneResult(
+            self.reels + other.reels,
+            self.metres + other.metres,
+            self.events + other.events,
+            self.alarms + other.alarms,
+            self.reel_states + other.reel_states,
+            self.kept + other.kept,
+            other.resume_after,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     """One operator action or command, accepted or refused, and why."""
 
@@ -361,6 +445,26 @@ def _causes_tuple(text: str) -> tuple[str, ...]:
     return tuple(c for c in text.split(",") if c)
 
 
+def reel_from_row(row: Sequence[Any]) -> ReelRecord:
+    """A reel from its row, columns as `RecordStore._REEL_COLUMNS` (the historian's reels
+    table has the same columns: one reading for both)."""
+    return ReelRecord(
+        reel_id=row[0],
+        line_id=row[1],
+        recipe_product=row[2],
+        recipe_version=row[3],
+        recipe_hash=row[4],
+        recipe_json=row[5],
+        operator=row[6],
+        planned_length_m=row[7],
+        started_at=row[8],
+        start=json.loads(row[9]),
+        state=row[10],
+        ended_at=row[11],
+        end_reason=row[12],
+    )
+
+
 class RecordStore:
     """The records of one line (or several) in one SQLite file."""
 
@@ -377,6 +481,7 @@ class RecordStore:
         self._stuck = False
         self._unwritten: list[str] = []
         self._unwritten_total = 0
+        self._store_id: str | None = None
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per public write.
             # The busy timeout is short: lock waits are the store's own loop (_retry).
@@ -551,9 +656,11 @@ class RecordStore:
                     db.execute("COMMIT")
                     version = int(row[0])
                     continue
-                for stmt in _MIGRATIONS[version].split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
+                step = _MIGRATIONS[version]
+                if isinstance(step, str):
+                    _run_script(db, step)
+                else:
+                    step(db)
                 db.execute("DELETE FROM schema_version")
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (version + 1,))
             except BaseException:
@@ -565,6 +672,16 @@ class RecordStore:
     def schema_version(self) -> int:
         """The schema version of the open database."""
         return int(self._query("SELECT version FROM schema_version")[0][0])
+
+    @property
+    def store_id(self) -> str:
+        """This store file's identity: a uuid4 (text) made once, when the file was created
+        (or upgraded to schema version 4), and never changed. A copy of the file (a
+        backup) has the same one: its sequence numbers are the same store's."""
+        if self._store_id is None:
+            rows = self._query("SELECT value FROM store_meta WHERE key = 'store_id'")
+            self._store_id = str(rows[0][0])
+        return self._store_id
 
     def integrity_check(self) -> str:
         """SQLite's own check: 'ok' when the file is sound."""
@@ -578,8 +695,10 @@ class RecordStore:
 
     def open_reel(self, reel: ReelInfo) -> None:
         """Record the start of a reel; LocalError if the reel id exists already."""
+        # The text stored is the text published: the historian keeps the line's own.
+        start_json = json.dumps(dict(reel.start), sort_keys=True)
         with self._tx(lambda: f"the start of reel {reel.reel_id}") as db:
-            if db.execute("SELECT 1 FROM reels WHERE reel_id = ?", (reel.reel_id,)).fetchone():
+            if _reel_id_taken(db, reel.reel_id):
                 raise LocalError(f"reel {reel.reel_id!r} exists already: a reel id is used once")
             db.execute(
                 "INSERT INTO reels (reel_id, line_id, recipe_product, recipe_version, "
@@ -595,7 +714,7 @@ class RecordStore:
                     reel.operator,
                     reel.planned_length_m,
                     reel.started_at,
-                    json.dumps(dict(reel.start), sort_keys=True),
+                    start_json,
                 ),
             )
             _outbox(
@@ -613,6 +732,11 @@ class RecordStore:
                         "version": reel.recipe_version,
                         "hash": reel.recipe_hash,
                     },
+                    # What the historian needs to rebuild the reel's report on its own
+                    # (identical to the line's): the recipe as validated, the start data.
+                    "recipe_json": reel.recipe_json,
+                    "start": json.loads(start_json),
+                    "started_at": reel.started_at,
                 },
             )
 
@@ -623,21 +747,7 @@ class RecordStore:
 
     @staticmethod
     def _reel_from_row(row: Sequence[Any]) -> ReelRecord:
-        return ReelRecord(
-            reel_id=row[0],
-            line_id=row[1],
-            recipe_product=row[2],
-            recipe_version=row[3],
-            recipe_hash=row[4],
-            recipe_json=row[5],
-            operator=row[6],
-            planned_length_m=row[7],
-            started_at=row[8],
-            start=json.loads(row[9]),
-            state=row[10],
-            ended_at=row[11],
-            end_reason=row[12],
-        )
+        return reel_from_row(row)
 
     def find_open_reel(self, line_id: str) -> ReelRecord | None:
         """The reel of this line still open (after a restart: the one to resume or close)."""
@@ -653,15 +763,27 @@ class RecordStore:
         return self._reel_from_row(rows[0]) if rows else None
 
     def reel(self, reel_id: str) -> ReelRecord:
-        """A stored reel; LocalError if unknown."""
+        """A stored reel; LocalError if unknown (saying so when retention deleted it)."""
         rows = self._query(f"SELECT {self._REEL_COLUMNS} FROM reels WHERE reel_id = ?", (reel_id,))
         if not rows:
+            pruned = self._query(
+                "SELECT ended_at, pruned_before FROM pruned_reels WHERE reel_id = ?", (reel_id,)
+            )
+            if pruned:
+                raise LocalError(
+                    f"reel {reel_id!r} is no longer in {self.path}: it ended at {pruned[0][0]} "
+                    "and was deleted by the line's retention after the plant historian "
+                    f"confirmed it; report it from the historian (linectl report --historian DSN "
+                    f"{reel_id})"
+                )
             raise LocalError(f"no reel {reel_id!r} in {self.path}")
         return self._reel_from_row(rows[0])
 
     def reel_exists(self, reel_id: str) -> bool:
-        """Whether a reel with this id was ever recorded (a reel id is used once)."""
-        return bool(self._query("SELECT 1 FROM reels WHERE reel_id = ?", (reel_id,)))
+        """Whether a reel with this id was ever recorded (a reel id is used once), a reel
+        retention deleted included."""
+        with self._lock:
+            return self._retry(lambda: _reel_id_taken(self._db, reel_id), None)
 
     def reels(self) -> list[ReelRecord]:
         """Every reel, oldest start first."""
@@ -686,12 +808,15 @@ class RecordStore:
                 (ended_at, reason, reel_id),
             )
             summary = _reel_summary(db, reel_id)
-            _outbox(
+            end_seq = _outbox(
                 db,
                 "reel",
                 ended_at,
                 {"event": "end", "reel_id": reel_id, "reason": reason, "summary": summary},
             )
+            # Kept on the reel: retention compares it with the historians' confirmed seq
+            # long after the outbox row itself is pruned.
+            db.execute("UPDATE reels SET end_seq = ? WHERE reel_id = ?", (end_seq, reel_id))
 
     @staticmethod
     def _require_open(db: sqlite3.Connection, reel_id: str) -> None:
@@ -1139,6 +1264,26 @@ class RecordStore:
         )
         return [OutboxRow(int(r[0]), r[1], r[2], json.loads(r[3])) for r in rows]
 
+    def outbox_range(self, from_seq: int, to_seq: int, limit: int | None = None) -> list[OutboxRow]:
+        """The outbox rows from_seq..to_seq (inclusive) still held, oldest first, at most
+        `limit` (a replay pages through a long range). A seq pruned, or never written, is
+        simply absent."""
+        rows = self._query(
+            "SELECT seq, kind, t, data FROM outbox WHERE seq BETWEEN ? AND ? ORDER BY seq LIMIT ?",
+            (from_seq, to_seq, -1 if limit is None else limit),
+        )
+        return [OutboxRow(int(r[0]), r[1], r[2], json.loads(r[3])) for r in rows]
+
+    def outbox_first_seq(self) -> int:
+        """The oldest outbox sequence number still held; the newest + 1 when none is."""
+        rows = self._query(
+            "SELECT MIN(seq), (SELECT seq FROM sqlite_sequence WHERE name = 'outbox') FROM outbox"
+        )
+        first, last = rows[0]
+        if first is not None:
+            return int(first)
+        return (int(last) if last is not None else 0) + 1
+
     def outbox_last_seq(self) -> int:
         """The newest outbox sequence number (0 when none was ever written)."""
         # sqlite_sequence keeps the highest AUTOINCREMENT value even after pruning.
@@ -1174,6 +1319,18 @@ class RecordStore:
                 (consumer, seq),
             )
 
+    def outbox_consumers(self) -> dict[str, int]:
+        """Every consumer with a cursor, and its cursor."""
+        rows = self._query("SELECT consumer, seq FROM outbox_cursor ORDER BY consumer")
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def remove_outbox_cursor(self, consumer: str) -> bool:
+        """Forget a consumer (one that is gone for good): pruning no longer waits for it.
+        False when it had no cursor."""
+        with self._tx(lambda: f"the removal of the outbox cursor of {consumer}") as db:
+            cur = db.execute("DELETE FROM outbox_cursor WHERE consumer = ?", (consumer,))
+            return cur.rowcount > 0
+
     def prune_outbox(self, keep: int = OUTBOX_KEEP) -> int:
         """Delete outbox rows every known consumer has passed, but the newest `keep` of
         those; return how many. Without any consumer nothing is deleted."""
@@ -1184,13 +1341,144 @@ class RecordStore:
             cur = db.execute("DELETE FROM outbox WHERE seq <= ?", (int(low) - keep,))
             return int(cur.rowcount)
 
+    # ------------------------------------------------------------------ retention
 
-def _outbox(db: sqlite3.Connection, kind: str, t: str, data: Mapping[str, Any]) -> None:
-    """Queue a record for publishing, inside the caller's transaction."""
-    db.execute(
+    def prune_confirmed(
+        self,
+        before_iso: str,
+        confirmed_seq: int,
+        *,
+        limit: int | None = None,
+        after_end_seq: int = 0,
+    ) -> PruneResult:
+        """Delete the closed reels every historian has confirmed: whose end record's seq
+        is at most `confirmed_seq` and that ended before `before_iso` (ISO 8601 with an
+        offset), with their metres, audit events, controller state, and their alarms
+        (which must be cleared and acknowledged); return what was deleted.
+
+        Never deleted: an open reel; a reel whose end was not confirmed (or whose end seq
+        is not known: closed before schema version 4 with its end record pruned); a reel
+        with an alarm not yet cleared and acknowledged, or with a record still in the
+        outbox above `confirmed_seq` (an alarm acknowledged, an audit event written
+        after its end). Each reel goes in its own transaction (all of it or nothing), so
+        the writer waits at most one reel's delete. The reel id stays taken
+        (`pruned_reels`).
+
+        At most `limit` reels per call, taken by their end seq above `after_end_seq`: the
+        result's `resume_after` is where the next call goes on (None when every reel due
+        was looked at), so the caller can stop between calls, and a reel kept is not
+        looked at twice.
+        """
+        before = _aware(before_iso, "before_iso")
+        if confirmed_seq < 0:
+            raise LocalError(f"confirmed seq {confirmed_seq} is negative")
+        rows = self._query(
+            "SELECT reel_id, ended_at, end_seq FROM reels WHERE state = 'closed' "
+            "AND end_seq > ? AND end_seq <= ? ORDER BY end_seq",
+            (after_end_seq, confirmed_seq),
+        )
+        due: list[tuple[str, int]] = []
+        kept: list[tuple[str, str]] = []
+        for reel_id, ended_at, end_seq in rows:
+            if limit is not None and len(due) == limit:
+                # The next call goes on after the last reel looked at.
+                return self._prune_reels(due, before_iso, confirmed_seq, kept, due[-1][1])
+            try:
+                ended = _aware(ended_at, f"ended_at of reel {reel_id}")
+            except LocalError as exc:
+                kept.append((reel_id, str(exc)))
+                continue
+            if ended < before:
+                due.append((reel_id, int(end_seq)))
+        return self._prune_reels(due, before_iso, confirmed_seq, kept, None)
+
+    def _prune_reels(
+        self,
+        due: Sequence[tuple[str, int]],
+        before_iso: str,
+        confirmed_seq: int,
+        kept: Sequence[tuple[str, str]],
+        resume_after: int | None,
+    ) -> PruneResult:
+        total = PruneResult(kept=tuple(kept))
+        for reel_id, _end_seq in due:
+            total += self._prune_reel(reel_id, before_iso, confirmed_seq)
+        return replace(total, resume_after=resume_after)
+
+    def _prune_reel(self, reel_id: str, before_iso: str, confirmed_seq: int) -> PruneResult:
+        with self._tx(lambda: f"the retention of reel {reel_id}") as db:
+            row = db.execute(
+                "SELECT line_id, started_at, ended_at, end_seq, state FROM reels WHERE reel_id = ?",
+                (reel_id,),
+            ).fetchone()
+            if row is None or row[4] != "closed" or row[3] is None or row[3] > confirmed_seq:
+                return PruneResult()  # gone (another connection pruned it) or not due
+            unconfirmed = db.execute(
+                "SELECT MIN(seq) FROM outbox WHERE seq > ? AND kind IN ('alarm', 'audit') "
+                "AND json_extract(data, '$.reel_id') = ?",
+                (confirmed_seq, reel_id),
+            ).fetchone()[0]
+            if unconfirmed is not None:
+                why = f"its record seq {unconfirmed} is not confirmed yet"
+                return PruneResult(kept=((reel_id, why),))
+            active = db.execute(
+                "SELECT MIN(id) FROM alarms WHERE reel_id = ? "
+                "AND (cleared_at IS NULL OR acknowledged_at IS NULL)",
+                (reel_id,),
+            ).fetchone()[0]
+            if active is not None:
+                why = f"its alarm {active} is not cleared and acknowledged yet"
+                return PruneResult(kept=((reel_id, why),))
+            counts = [
+                db.execute(f"DELETE FROM {table} WHERE reel_id = ?", (reel_id,)).rowcount
+                for table in ("metres", "events", "alarms", "reel_state")
+            ]
+            db.execute(
+                "INSERT INTO pruned_reels (reel_id, line_id, started_at, ended_at, end_seq, "
+                "metres, pruned_before) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (reel_id, row[0], row[1], row[2], row[3], counts[0], before_iso),
+            )
+            db.execute("DELETE FROM reels WHERE reel_id = ?", (reel_id,))
+            metres, events, alarms, reel_states = counts
+            return PruneResult((reel_id,), metres, events, alarms, reel_states)
+
+    def pruned_reels(self) -> list[tuple[str, str, int]]:
+        """(reel id, ended_at, metres) of every reel retention deleted, oldest end first."""
+        rows = self._query(
+            "SELECT reel_id, ended_at, metres FROM pruned_reels ORDER BY end_seq, reel_id"
+        )
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+
+def _outbox(db: sqlite3.Connection, kind: str, t: str, data: Mapping[str, Any]) -> int:
+    """Queue a record for publishing, inside the caller's transaction; return its seq."""
+    cur = db.execute(
         "INSERT INTO outbox (kind, t, data) VALUES (?, ?, ?)",
         (kind, t, json.dumps(_json_safe(dict(data)), sort_keys=True, allow_nan=False)),
     )
+    assert cur.lastrowid is not None
+    return int(cur.lastrowid)
+
+
+def _aware(text: str, what: str) -> datetime:
+    """An ISO 8601 time with an offset; LocalError naming `what` otherwise."""
+    try:
+        t = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise LocalError(f"{what} {text!r} is not an ISO 8601 time") from None
+    if t.tzinfo is None:
+        raise LocalError(f"{what} {text!r} has no UTC offset")
+    return t
+
+
+def _reel_id_taken(db: sqlite3.Connection, reel_id: str) -> bool:
+    """Whether the reel id was ever recorded: stored, or deleted by retention."""
+    row = db.execute(
+        "SELECT EXISTS (SELECT 1 FROM reels WHERE reel_id = ?) "
+        "OR EXISTS (SELECT 1 FROM pruned_reels WHERE reel_id = ?)",
+        (reel_id, reel_id),
+    ).fetchone()
+    return bool(row[0])
 
 
 def _json_safe(value: Any) -> Any:

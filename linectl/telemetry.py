@@ -85,6 +85,20 @@ TOPIC_SPECS: Final[tuple[TopicSpec, ...]] = (
     TopicSpec("records/reel", 1, False, "reel", "reel start and end with its summary"),
     TopicSpec("records/alarm", 1, False, "alarm", "alarm raised, acknowledged, cleared"),
     TopicSpec("records/audit", 1, False, "audit", "every command and operator action"),
+    TopicSpec("records/head", 1, True, "records_head", "the outbox's newest and oldest seq held"),
+    TopicSpec("replay/<hid>", 1, False, "replay_request", "a historian asks for a seq range"),
+    *(
+        TopicSpec(f"replayed/<hid>/{kind}", 1, False, kind, f"replayed {kind} records")
+        for kind in RECORD_KINDS
+    ),
+    TopicSpec("replayed/<hid>/done", 1, False, "replay_done", "a replay's end: what is missing"),
+    TopicSpec(
+        "historian/<hid>/confirmed",
+        1,
+        True,
+        "historian_confirmed",
+        "a historian has every record up to seq (linectl subscribes)",
+    ),
     TopicSpec("cmd/<command>/<sender>", 1, False, "command", "commands to the line"),
     TopicSpec("response/<sender>", 1, False, "response", "answers to the sender's commands"),
 )
@@ -135,6 +149,54 @@ class Topics:
         if kind not in RECORD_KINDS:
             raise ValueError(f"unknown record kind {kind!r}")
         return f"{self.base}/records/{kind}"
+
+    @property
+    def records_head(self) -> str:
+        """Retained: the outbox's newest seq and oldest seq held, with the store's id."""
+        return f"{self.base}/records/head"
+
+    def replay(self, historian: str) -> str:
+        """Where historian `historian` asks the line for a range of records."""
+        return f"{self.base}/replay/{historian}"
+
+    @property
+    def replay_filter(self) -> str:
+        """The subscription that receives every historian's replay requests."""
+        return f"{self.base}/replay/+"
+
+    def replayed(self, historian: str, kind: str) -> str:
+        """Replayed records of one kind, for one historian."""
+        if kind not in RECORD_KINDS:
+            raise ValueError(f"unknown record kind {kind!r}")
+        return f"{self.base}/replayed/{historian}/{kind}"
+
+    def replay_done(self, historian: str) -> str:
+        """The end of a replay for one historian (with the missing sub-ranges)."""
+        return f"{self.base}/replayed/{historian}/done"
+
+    def confirmed(self, historian: str) -> str:
+        """Retained, from historian `historian`: how far it has every record."""
+        return f"{self.base}/historian/{historian}/confirmed"
+
+    @property
+    def confirmed_filter(self) -> str:
+        """The subscription that receives every historian's confirmation."""
+        return f"{self.base}/historian/+/confirmed"
+
+    def parse_replay(self, topic: str) -> str | None:
+        """The historian id of a replay-request topic (possibly empty), else None."""
+        head = f"{self.base}/replay/"
+        if not topic.startswith(head) or "/" in topic[len(head) :]:
+            return None
+        return topic[len(head) :]
+
+    def parse_confirmed(self, topic: str) -> str | None:
+        """The historian id of a confirmation topic (possibly empty), else None."""
+        head, tail = f"{self.base}/historian/", "/confirmed"
+        if not (topic.startswith(head) and topic.endswith(tail)):
+            return None
+        hid = topic[len(head) : len(topic) - len(tail)]
+        return None if "/" in hid else hid
 
     def cmd(self, command: str, sender: str) -> str:
         """Where `sender` publishes `command`."""
@@ -334,25 +396,224 @@ def alarms_active_payload(alarms: Iterable[AlarmView | ActiveAlarm], t_ms: int) 
 
 
 def record_payload(
-    seq: int, kind: str, t_iso: str, data: Mapping[str, Any], *, historical: bool
+    seq: int,
+    kind: str,
+    t_iso: str,
+    data: Mapping[str, Any],
+    *,
+    historical: bool,
+    store_id: str | None = None,
+    replay: bool = False,
 ) -> dict[str, Any]:
-    """`records/<kind>` payload from one outbox row.
+    """`records/<kind>` payload from one outbox row (`replayed/<hid>/<kind>` with `replay`).
 
-    `seq` is the outbox sequence number: increasing, unique per store; delivery is at
-    least once, so a subscriber drops a `seq` it has seen. `historical` is true when
-    the record was written before the current broker session began (it waited in the
-    outbox through a broker outage or a controller restart).
+    `seq` is the outbox sequence number: increasing, unique per store (`store_id`, the
+    store's uuid; left out when None, for callers without a store); delivery is at least
+    once, so a subscriber drops a (`store_id`, `seq`) it has seen. `historical` is true
+    when the record was written before the current broker session began (it waited in
+    the outbox through a broker outage or a controller restart). `t` is the row's time as
+    the store holds it (ISO text, verbatim, so a historian stores the line's own text),
+    `t_ms` the same time in unix ms. A replayed record carries `"replay": true`.
     """
     if kind not in RECORD_KINDS:
         raise ValueError(f"unknown record kind {kind!r}")
-    return {
+    payload: dict[str, Any] = {
         "schema": f"linectl.{kind}/1",
         "seq": seq,
         "historical": historical,
         "quality": Quality.GOOD.value,
         "t_ms": iso_to_ms(t_iso),
-        **data,
+        "t": t_iso,
     }
+    if store_id is not None:
+        payload["store_id"] = store_id
+    if replay:
+        payload["replay"] = True
+    # The record's own keys last, as before: none of them is one of the keys above.
+    payload.update(data)
+    return payload
+
+
+# ---------------------------------------------------------------------- the historian's topics
+
+MAX_REPLAY_ROWS: Final = 100_000
+"""The longest range one replay request may ask for (to_seq - from_seq + 1)."""
+
+MAX_HISTORIAN_PAYLOAD_BYTES: Final = 4096
+"""A replay request or confirmation larger than this is refused unread."""
+
+
+def records_head_payload(store_id: str, seq: int, first_seq: int, t_ms: int) -> dict[str, Any]:
+    """`records/head` payload (schema `records_head`): the newest outbox seq (0: none yet)
+    and the oldest still held (`seq` + 1 when none is), of the store `store_id`."""
+    return {
+        "schema": "linectl.records_head/1",
+        "store_id": store_id,
+        "seq": seq,
+        "first_seq": first_seq,
+        "quality": Quality.GOOD.value,
+        "t_ms": t_ms,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRequest:
+    """A historian's request for the records from_seq..to_seq (inclusive)."""
+
+    from_seq: int
+    to_seq: int
+    request_id: str = ""
+
+
+def replay_request_payload(from_seq: int, to_seq: int, request_id: str) -> dict[str, Any]:
+    """`replay/<hid>` payload (schema `replay_request`), as a historian sends it."""
+    return {
+        "schema": "linectl.replay_request/1",
+        "from_seq": from_seq,
+        "to_seq": to_seq,
+        "request_id": request_id,
+    }
+
+
+class RequestError(ValueError):
+    """A replay request or confirmation that cannot be used; the message says what is
+    wrong. `request_id`, `from_seq`, `to_seq` are what could be read of it (for the
+    answer)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_id: str | None = None,
+        from_seq: int | None = None,
+        to_seq: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.from_seq = from_seq
+        self.to_seq = to_seq
+
+
+def _json_object(raw: bytes | str, what: str) -> dict[str, Any]:
+    if len(raw) > MAX_HISTORIAN_PAYLOAD_BYTES:
+        raise RequestError(f"{what} is {len(raw)} bytes, more than {MAX_HISTORIAN_PAYLOAD_BYTES}")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"{what} is not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise RequestError(f"{what} is not a JSON object")
+    return doc
+
+
+def _schema_is(doc: Mapping[str, Any], name: str, what: str) -> None:
+    expected = f"linectl.{name}/1"
+    if "schema" in doc and doc["schema"] != expected:
+        raise RequestError(f"{what} names schema {doc['schema']!r}, not {expected!r}")
+
+
+def _seq_of(doc: Mapping[str, Any], key: str) -> int | None:
+    value = doc.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def parse_replay_request(raw: bytes | str) -> ReplayRequest:
+    """A replay request as the line takes it; RequestError saying what is wrong: not
+    JSON, another schema, `from_seq`/`to_seq` missing or not whole numbers, below 1,
+    inverted, a range of more than MAX_REPLAY_ROWS, a `request_id` that is not text of
+    at most 128 characters."""
+    what = "replay request"
+    doc = _json_object(raw, what)
+    rid = doc.get("request_id", "")
+    request_id = rid if isinstance(rid, str) and len(rid) <= 128 else None
+    a, b = _seq_of(doc, "from_seq"), _seq_of(doc, "to_seq")
+
+    def error(message: str) -> RequestError:
+        return RequestError(message, request_id=request_id, from_seq=a, to_seq=b)
+
+    _schema_is(doc, "replay_request", what)
+    if request_id is None:
+        raise error(f"{what}: request_id must be text of at most 128 characters")
+    for key, value in (("from_seq", a), ("to_seq", b)):
+        if key not in doc:
+            raise error(f"{what}: {key} is missing")
+        if value is None:
+            raise error(f"{what}: {key} {doc[key]!r} is not a whole number")
+        if value < 1:
+            raise error(f"{what}: {key} {value} is below 1 (the first seq)")
+    assert a is not None
+    assert b is not None
+    if b < a:
+        raise error(f"{what}: the range {a}..{b} is inverted (to_seq below from_seq)")
+    if b - a + 1 > MAX_REPLAY_ROWS:
+        raise error(
+            f"{what}: the range {a}..{b} holds {b - a + 1} seqs, more than {MAX_REPLAY_ROWS}: "
+            "ask for it in parts"
+        )
+    return ReplayRequest(a, b, request_id)
+
+
+def replay_done_payload(
+    request_id: str | None,
+    from_seq: int | None,
+    to_seq: int | None,
+    missing: Iterable[tuple[int, int]],
+    t_ms: int,
+    *,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """`replayed/<hid>/done` payload (schema `replay_done`): the sub-ranges [lo, hi] of
+    from_seq..to_seq the line no longer holds (pruned) or never wrote. With `error` the
+    request was refused (nothing was replayed); what could be read of it is echoed,
+    null otherwise."""
+    payload: dict[str, Any] = {
+        "schema": "linectl.replay_done/1",
+        "request_id": request_id,
+        "from_seq": from_seq,
+        "to_seq": to_seq,
+        "missing": [[lo, hi] for lo, hi in missing],
+        "quality": Quality.GOOD.value,
+        "t_ms": t_ms,
+    }
+    if error is not None:
+        payload["error"] = error
+    return payload
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    """A historian has committed every record 1..seq of store `store_id`."""
+
+    store_id: str
+    seq: int
+
+
+def historian_confirmed_payload(store_id: str, seq: int, t_ms: int) -> dict[str, Any]:
+    """`historian/<hid>/confirmed` payload (schema `historian_confirmed`), as a historian
+    sends it."""
+    return {
+        "schema": "linectl.historian_confirmed/1",
+        "store_id": store_id,
+        "seq": seq,
+        "t_ms": t_ms,
+    }
+
+
+def parse_confirmation(raw: bytes | str) -> Confirmation:
+    """A historian's confirmation; RequestError saying what is wrong (not JSON, another
+    schema, `store_id` not text, `seq` missing, not a whole number or negative)."""
+    what = "historian confirmation"
+    doc = _json_object(raw, what)
+    _schema_is(doc, "historian_confirmed", what)
+    store_id = doc.get("store_id")
+    if not isinstance(store_id, str) or not store_id:
+        raise RequestError(f"{what}: store_id must be non-empty text")
+    seq = _seq_of(doc, "seq")
+    if seq is None:
+        raise RequestError(f"{what}: seq {doc.get('seq')!r} is missing or not a whole number")
+    if seq < 0:
+        raise RequestError(f"{what}: seq {seq} is negative")
+    return Confirmation(store_id, seq)
 
 
 # ---------------------------------------------------------------------- report by exception
@@ -461,6 +722,10 @@ _RECORD_COMMON = {
     "historical": {"type": "boolean"},
     "quality": _QUALITY,
     "t_ms": _T_MS,
+    # Always sent by this linectl; optional so that an older one's records still check.
+    "t": {"type": "string", "description": "the record's time as the store holds it"},
+    "store_id": {"type": "string", "description": "the record store's uuid"},
+    "replay": {"const": True, "description": "on replayed/<hid>/<kind> only"},
 }
 _RECORD_REQUIRED = ("seq", "historical", "quality", "t_ms")
 
@@ -578,6 +843,21 @@ SCHEMAS: Final[dict[str, dict[str, Any]]] = {
             **_RECORD_COMMON,
             "reel_id": {"type": "string"},
             "event": {"enum": ["start", "end"]},
+            "line_id": {"type": "string"},
+            "operator": {"type": "string"},
+            "planned_length_m": _NUM_OR_NULL,
+            "recipe": {
+                "type": "object",
+                "properties": {
+                    "product": {"type": "string"},
+                    "version": {"type": "string"},
+                    "hash": {"type": "string"},
+                },
+            },
+            "recipe_json": {"type": "string", "description": "the recipe as validated"},
+            "start": {"type": "object", "description": "the reel's start data"},
+            "started_at": {"type": "string"},
+            "reason": {"type": "string"},
             "summary": {"type": "object"},
         },
         (*_RECORD_REQUIRED, "reel_id", "event"),
@@ -608,6 +888,60 @@ SCHEMAS: Final[dict[str, dict[str, Any]]] = {
             "reel_id": {"type": ["string", "null"]},
         },
         (*_RECORD_REQUIRED, "event_id", "actor", "action", "accepted", "reason"),
+    ),
+    "records_head": _obj(
+        "records_head",
+        {
+            "store_id": {"type": "string"},
+            "seq": {"type": "integer", "minimum": 0, "description": "newest seq; 0: none"},
+            "first_seq": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "oldest seq still held; seq + 1 when none is",
+            },
+            "quality": _QUALITY,
+            "t_ms": _T_MS,
+        },
+        ("store_id", "seq", "first_seq", "t_ms"),
+    ),
+    "replay_request": _obj(
+        "replay_request",
+        {
+            "from_seq": {"type": "integer", "minimum": 1},
+            "to_seq": {"type": "integer", "minimum": 1},
+            "request_id": {"type": "string", "maxLength": 128},
+        },
+        ("from_seq", "to_seq"),
+    ),
+    "replay_done": _obj(
+        "replay_done",
+        {
+            "request_id": {"type": ["string", "null"]},
+            "from_seq": {"type": ["integer", "null"]},
+            "to_seq": {"type": ["integer", "null"]},
+            "missing": {
+                "type": "array",
+                "items": {
+                    "type": "array",
+                    "items": {"type": "integer"},
+                    "minItems": 2,
+                    "maxItems": 2,
+                },
+            },
+            "error": {"type": "string", "description": "the request was refused: why"},
+            "quality": _QUALITY,
+            "t_ms": _T_MS,
+        },
+        ("request_id", "from_seq", "to_seq", "missing", "t_ms"),
+    ),
+    "historian_confirmed": _obj(
+        "historian_confirmed",
+        {
+            "store_id": {"type": "string"},
+            "seq": {"type": "integer", "minimum": 0},
+            "t_ms": _T_MS,
+        },
+        ("store_id", "seq"),
     ),
     "command": {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -667,25 +1001,36 @@ def schema_document() -> dict[str, Any]:
 __all__ = [
     "ALARM_STATES",
     "LIVE_VALUES",
+    "MAX_HISTORIAN_PAYLOAD_BYTES",
+    "MAX_REPLAY_ROWS",
     "RECORD_KINDS",
     "SCHEMAS",
     "TOPIC_SPECS",
     "ActiveAlarm",
     "AlarmView",
+    "Confirmation",
     "LineStatus",
     "LiveSpec",
     "LiveValue",
+    "ReplayRequest",
     "ReportFilter",
     "ReportValue",
+    "RequestError",
     "TopicSpec",
     "Topics",
     "alarm_view_json",
     "alarms_active_payload",
     "encode",
+    "historian_confirmed_payload",
     "iso_to_ms",
     "live_payload",
     "ms_to_iso",
+    "parse_confirmation",
+    "parse_replay_request",
     "record_payload",
+    "records_head_payload",
+    "replay_done_payload",
+    "replay_request_payload",
     "report_due",
     "schema_document",
     "state_payload",

@@ -29,7 +29,10 @@ PACKAGES = ("linectl", "simulators")
 LAYERS = "Layers: adapters and the CLI above the pure core"
 INDEPENDENT = "The Modbus link and the control core are independent"
 CORE = "The control core is pure: no I/O, clock, thread or randomness"
-PROTOCOL = "Telemetry, commands and the HMI's feed are pure: no I/O, clock, thread or randomness"
+PROTOCOL = (
+    "Telemetry, commands, the HMI's feed and the historian's tracker are pure: "
+    "no I/O, clock, thread or randomness"
+)
 CODEC = "Codec, quality, errors and the dose law are pure: no I/O, clock, thread or randomness"
 CONFIG = "Config reads files only: no network, clock, thread or randomness"
 NODE = "The Sparkplug node is pure: no I/O, clock, thread or randomness"
@@ -37,6 +40,7 @@ CLIENT = "The CLI's clients know the protocol, not the daemon"
 PYMODBUS = "Only linectl.modbus imports pymodbus"
 MQTT = "Only the MQTT adapters and the MQTT client import aiomqtt and paho"
 AIOHTTP = "Only the HMI server and the CLI's HTTP client import aiohttp"
+PSYCOPG = "Only the historian's database modules import psycopg"
 IMPORTLIB = "No importlib in linectl: every import is visible to the contracts"
 SIM_LOADERS = "Only the CLI and the demo import the simulators"
 SIM_PHYSICS = "Simulators never import the controller's physics, links or CLI"
@@ -102,6 +106,17 @@ CASES = [
     _case("linectl/metrics.py: import paho.mqtt.client", {MQTT}, "linectl.metrics -> paho"),
     _case("linectl/store.py: import importlib", {IMPORTLIB}, "linectl.store -> importlib"),
     _case("linectl/report.py: import aiohttp", {AIOHTTP}, "linectl.report -> aiohttp"),
+    _case("linectl/store.py: import psycopg", {PSYCOPG}, "linectl.store -> psycopg"),
+    _case(
+        "linectl/historian/tracker.py: import time",
+        {PROTOCOL},
+        "linectl.historian.tracker -> time",
+    ),
+    _case(
+        "linectl/store.py: from linectl.historian import pg",
+        {LAYERS},
+        "linectl.store -> linectl.historian.pg",
+    ),
     _case("linectl/web/feed.py: import asyncio", {PROTOCOL}, "linectl.web.feed -> asyncio"),
     _case(
         "linectl/webclient.py: from linectl.web import server",

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
 from broker import running_broker, use_broker
-from e2e_scenarios import TRUE_K, compact_config, endpoints
+from e2e_scenarios import TRUE_K, compact_config, endpoints, wait_for
 
 from linectl.config import load_config
 from linectl.daemon import _keep_running, run_with_bridge
@@ -94,6 +96,49 @@ async def test_run_wires_metrics_mqtt_and_sparkplug(tmp_path: Path) -> None:
     death.ParseFromString(sp_msgs[-1][1])
     bdseq = {m.name: m.long_value for m in birth.metrics if m.name == "bdSeq"}
     assert bdseq == {m.name: m.long_value for m in death.metrics if m.name == "bdSeq"}
+
+
+async def test_the_metrics_endpoint_is_served_on_the_daemons_loop_by_no_thread(
+    tmp_path: Path,
+) -> None:
+    # The endpoint was a thread of its own (`linectl-metrics`) with its own asyncio loop;
+    # it is an aiohttp server on the daemon's loop now, started and stopped with the line.
+    cfg = load_config(compact_config(tmp_path), environ={})
+    off = {"enabled": False}
+    cfg.line = cfg.line.model_copy(
+        update={
+            "mqtt": cfg.line.mqtt.model_copy(update=off),
+            "sparkplug": cfg.line.sparkplug.model_copy(update=off),
+        }
+    )
+    recipe, path = select_recipe(cfg, None)
+    async with SimulatedLine(cfg, seed=3) as sim:
+        svc = LineService(cfg, recipe, path, **endpoints(cfg, sim))
+        run = asyncio.create_task(run_with_bridge(svc, exit_when_done=False, metrics_port=0))
+        try:
+            await wait_for(
+                lambda: svc.metrics_url is not None and svc.stats.cycles >= 5, 60.0, "cycles"
+            )
+            url = svc.metrics_url
+            assert url is not None
+            async with aiohttp.ClientSession() as http:
+                texts = []
+                for _ in range(3):
+                    async with http.get(url) as r:
+                        assert r.status == 200
+                        texts.append(await r.text())
+                    await asyncio.sleep(0.2)
+            threads = sorted(t.name for t in threading.enumerate())
+        finally:
+            svc.stop()
+            await asyncio.wait_for(run, 60.0)
+    assert "linectl-metrics" not in threads
+    assert not [name for name in threads if "metrics" in name], threads
+    assert all('linectl_up{line="line1"} 1.0' in text for text in texts)
+    # Stopped with the line: the port is closed.
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await http.get(url)
 
 
 class _FlakyAdapter:

@@ -28,6 +28,7 @@ from conftest import free_port
 
 from linectl.cli import build_parser as linectl_parser
 from linectl.config import load_config
+from linectl.historian.config import load_historian_config
 from simulators.cli import build_parser as sim_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ UNIT = DEPLOY / "systemd" / "linectl.service"
 METRICS_DOC = ROOT / "docs" / "metrics.md"
 METRICS_SRC = ROOT / "linectl" / "metrics.py"
 
-SERVICES = {"mosquitto", "sim", "linectl", "prometheus", "grafana"}
+SERVICES = {"mosquitto", "sim", "linectl", "prometheus", "grafana", "postgres", "historian"}
 
 # LineService._loop gives a safe stop at most this long before it returns (then one
 # safe-state write of at most 1 s); a supervisor must not SIGKILL it sooner.
@@ -213,6 +214,23 @@ def test_compose_has_the_stack(compose: dict[str, Any]) -> None:
         assert (ROOT / svc["build"] / "Dockerfile").is_file()
 
 
+def test_compose_historian_keeps_the_compose_line(compose: dict[str, Any]) -> None:
+    svc = _service(compose, "historian")
+    args = linectl_parser().parse_args(_command(svc))
+    assert (args.command, args.historian_command) == ("historian", "run")
+    hist = load_historian_config(_host_path(_bind_mounts(svc), str(args.config)))
+    line = _loaded_demo_config(compose).line
+    # The line names the historian; the historian keeps the line, on the same topics.
+    assert hist.historian.id in line.records.historians
+    assert hist.historian.lines == [line.line_id]
+    assert hist.historian.topic_prefix == line.mqtt.topic_prefix
+    assert hist.mqtt.host == "mosquitto"
+    assert "host=postgres" in hist.postgres.dsn
+    assert "password" not in hist.postgres.dsn
+    # The template a plant starts from loads too.
+    assert load_historian_config(ROOT / "deploy" / "historian" / "historian.toml").historian.lines
+
+
 def test_compose_files_exist_and_volumes_are_declared(compose: dict[str, Any]) -> None:
     declared = set(compose.get("volumes") or {})
     for name, svc in compose["services"].items():
@@ -263,7 +281,7 @@ def test_compose_simulator_listens_beyond_its_loopback(compose: dict[str, Any]) 
     args = sim_parser().parse_args(cmd[1:])
     assert args.host == "0.0.0.0", "the controller's container cannot reach a loopback server"
     mounts = _bind_mounts(svc)
-    assert _host_path(mounts, str(args.config)) == CONFIG_DIR
+    assert _host_path(mounts, str(args.config)) == CONFIG_DIR.resolve()
 
 
 def test_compose_controller_command_and_config_mount(compose: dict[str, Any]) -> None:
@@ -274,7 +292,7 @@ def test_compose_controller_command_and_config_mount(compose: dict[str, Any]) ->
     assert args.reel is None, "a fixed reel id would be refused on the second start"
     assert args.resume, "a restarted container must take up the interrupted reel"
     mounts = _bind_mounts(svc)
-    assert _host_path(mounts, str(args.config)) == CONFIG_DIR
+    assert _host_path(mounts, str(args.config)) == CONFIG_DIR.resolve()
     assert any(
         spec.split(":")[1] == str(args.config) and spec.endswith(":ro") for spec in svc["volumes"]
     ), "the configuration is mounted read-only"
@@ -793,7 +811,9 @@ def test_dockerfile_base_user_and_entrypoint() -> None:
 
 def test_dockerfile_copies_exist_and_are_not_ignored() -> None:
     sources = _copy_sources()
-    assert {"pyproject.toml", "README.md", "linectl", "simulators", "config"} <= set(sources)
+    assert {"pyproject.toml", "README.md", "linectl", "simulators", "linectl/reference"} <= set(
+        sources
+    )
     patterns = _dockerignore()
     for src in sources:
         assert (ROOT / src).exists(), src
@@ -811,7 +831,7 @@ def test_image_build_context_builds_the_package(tmp_path: Path) -> None:
     context = tmp_path / "context"
     context.mkdir()
     for src in _copy_sources():
-        if src == "config":  # runtime stage only
+        if src == "linectl/reference":  # runtime stage only (the build stage copies linectl/)
             continue
         source = ROOT / src
         if source.is_dir():

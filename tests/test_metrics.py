@@ -1,5 +1,6 @@
-"""Prometheus metrics: unit tests on a fake service, the HTTP endpoint, a real-time run of
-the line service against the simulators, and the shipped alert rules.
+"""Prometheus metrics: unit tests on a fake service, the HTTP endpoint (served by aiohttp
+on the test's event loop, as on the daemon's), a real-time run of the line service against
+the simulators, and the shipped alert rules.
 
 promtool (Debian's `prometheus` package) checks the scraped exposition and the rules when
 it is on PATH; the parser checks below run without it.
@@ -13,23 +14,21 @@ import gzip
 import json
 import math
 import re
-import selectors
 import shutil
 import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from conftest import ROOT
 from e2e_scenarios import compact_config, endpoints, wait_for
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
@@ -41,17 +40,21 @@ from linectl.core.ledger import MetreRecord, Verdict
 from linectl.errors import ConfigError, LocalError
 from linectl.metrics import (
     LINK_ERROR_KINDS,
-    MAX_CONNECTIONS,
     METRE_CAUSES,
     MODBUS_FUNCTIONS,
     PROCESS_VALUES,
     LineMetrics,
-    MetricsServer,
     WithoutCreated,
     verdict_label,
 )
 from linectl.modbus.link import LinkStats
 from linectl.service import CycleStats, LineService, ReelRequest, select_recipe
+from linectl.web.server import (
+    METRICS_LIMITS,
+    RENDER_REUSE_S,
+    MetricsServer,
+    serve_metrics,
+)
 from simulators.server import SimulatedLine
 
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -447,50 +450,54 @@ def test_unconvertible_unit_is_a_config_error_and_changes_nothing(cfg: LoadedCon
 # ----------------------------------------------------------------------------- endpoint
 
 
-def scrape(url: str, openmetrics: bool = False) -> str:
-    req = urllib.request.Request(url)
+async def scrape(url: str, openmetrics: bool = False) -> str:
+    """GET the exposition from the test's own loop (no thread: the server is on this loop)."""
+    headers = {}
     if openmetrics:
-        req.add_header("Accept", "application/openmetrics-text; version=1.0.0; charset=utf-8")
-    with urllib.request.urlopen(req, timeout=5.0) as resp:
-        body: bytes = resp.read()
-    return body.decode()
+        headers["Accept"] = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
+        assert resp.status == 200, resp.status
+        return await resp.text()
 
 
 @pytest.fixture
-def server(metrics: LineMetrics) -> Iterator[MetricsServer]:
-    with metrics.serve("127.0.0.1", 0) as srv:
+async def server(metrics: LineMetrics) -> AsyncIterator[MetricsServer]:
+    async with MetricsServer(WithoutCreated(metrics.registry), "127.0.0.1", 0) as srv:
         yield srv
 
 
-def test_serve_binds_loopback_by_default_and_closes(metrics: LineMetrics) -> None:
-    srv = metrics.serve_config(MetricsConfig(port=0))
+async def test_serve_binds_loopback_by_default_and_closes(metrics: LineMetrics) -> None:
+    exposition = WithoutCreated(metrics.registry)
+    srv = await serve_metrics(exposition, MetricsConfig(port=0))
     assert srv is not None
     try:
         assert srv.host == "127.0.0.1"
+        assert srv.sockname[:2] == ("127.0.0.1", srv.port)
         assert srv.port > 0
-        assert f'linectl_up{{line="{LINE}"}} 1.0' in scrape(srv.url)
+        assert f'linectl_up{{line="{LINE}"}} 1.0' in await scrape(srv.url)
     finally:
-        srv.close()
-        srv.close()  # idempotent
-    with pytest.raises(urllib.error.URLError, match="refused"):
-        scrape(srv.url)
+        await srv.close()
+        await srv.close()  # idempotent
+    with pytest.raises(aiohttp.ClientConnectorError):
+        await scrape(srv.url)
     # The port is free again after close.
-    again = metrics.serve("127.0.0.1", srv.port)
-    again.close()
-    assert metrics.serve_config(MetricsConfig(enabled=False)) is None
+    async with MetricsServer(exposition, "127.0.0.1", srv.port):
+        pass
+    assert await serve_metrics(exposition, MetricsConfig(enabled=False)) is None
 
 
-def test_serve_on_a_taken_port_names_it(metrics: LineMetrics) -> None:
+async def test_serve_on_a_taken_port_names_it(metrics: LineMetrics) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
+        srv = MetricsServer(WithoutCreated(metrics.registry), "127.0.0.1", port)
         with pytest.raises(LocalError, match=rf"cannot listen on 127\.0\.0\.1:{port}"):
-            metrics.serve("127.0.0.1", port)
+            await srv.start()
 
 
-def test_exposition_has_no_created_samples(server: MetricsServer) -> None:
-    text = scrape(server.url)
+async def test_exposition_has_no_created_samples(server: MetricsServer) -> None:
+    text = await scrape(server.url)
     assert "linectl_metres_total" in text
     assert "_created" not in text
     reg = CollectorRegistry()
@@ -541,15 +548,15 @@ def promtool_check_metrics(text: str) -> None:
     assert proc.stderr.strip() == "", proc.stderr
 
 
-def test_exposition_names_types_units(svc: FakeService, server: MetricsServer) -> None:
-    check_exposition(scrape(server.url), mqtt=False)
-    check_openmetrics_units(scrape(server.url, openmetrics=True))
+async def test_exposition_names_types_units(svc: FakeService, server: MetricsServer) -> None:
+    check_exposition(await scrape(server.url), mqtt=False)
+    check_openmetrics_units(await scrape(server.url, openmetrics=True))
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason=NO_PROMTOOL)
-def test_promtool_accepts_the_exposition(metrics: LineMetrics, server: MetricsServer) -> None:
+async def test_promtool_accepts_the_exposition(metrics: LineMetrics, server: MetricsServer) -> None:
     metrics.bind_mqtt(FakeMqtt())
-    promtool_check_metrics(scrape(server.url))
+    promtool_check_metrics(await scrape(server.url))
 
 
 def test_docs_name_every_metric() -> None:
@@ -576,7 +583,9 @@ async def test_line_service_scrape_end_to_end(tmp_path: Path) -> None:
         metrics.attach(svc)
         mqtt = FakeMqtt(connected=True, queue_depth=1, published_total=10)
         metrics.bind_mqtt(mqtt)
-        srv = metrics.serve_config(cfg.line.metrics.model_copy(update={"port": 0}))
+        srv = await serve_metrics(
+            WithoutCreated(metrics.registry), cfg.line.metrics.model_copy(update={"port": 0})
+        )
         assert srv is not None
         svc.request_reel(ReelRequest("METRICS-1", 1000.0, "pytest"))
         task = asyncio.create_task(svc.run())
@@ -586,15 +595,17 @@ async def test_line_service_scrape_end_to_end(tmp_path: Path) -> None:
                 90.0,
                 "a metre recorded while running",
             )
-            running = await asyncio.to_thread(scrape, srv.url)
+            running = await scrape(srv.url)
         finally:
             svc.stop()
             await asyncio.wait_for(task, 60.0)
         try:
-            stopped = await asyncio.to_thread(scrape, srv.url)
-            stopped_om = await asyncio.to_thread(scrape, srv.url, True)
+            # Past the time a render is reused: the figures of after the stop.
+            await asyncio.sleep(RENDER_REUSE_S)
+            stopped = await scrape(srv.url)
+            stopped_om = await scrape(srv.url, True)
         finally:
-            srv.close()
+            await srv.close()
 
     # While running: live values, in base units, within what the recipe allows.
     fams = check_exposition(running, mqtt=True)
@@ -914,119 +925,254 @@ def test_promtool_alert_rules_fire_as_documented(tmp_path: Path) -> None:
 
 # ------------------------------------------------------- hung and excess HTTP connections
 
-
-def _closed_by_server(sock: socket.socket, within_s: float) -> bool:
-    """Whether the server closes `sock` within `within_s` (EOF or reset)."""
-    sock.settimeout(within_s)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-def _count_closed(socks: list[socket.socket], at_least: int, within_s: float) -> int:
-    """How many of `socks` the server has closed, waiting up to `within_s` for `at_least`."""
-    closed: set[socket.socket] = set()
-    deadline = time.monotonic() + within_s
-    with selectors.DefaultSelector() as sel:
-        for s in socks:
-            sel.register(s, selectors.EVENT_READ)
-        while len(closed) < at_least and (left := deadline - time.monotonic()) > 0:
-            for key, _ in sel.select(timeout=left):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                if _closed_by_server(sock, 1.0):
-                    closed.add(sock)
-                    sel.unregister(sock)
-    return len(closed)
+def _closed(conn: Conn) -> bool:
+    """Whether the server has closed `conn` (EOF, or a reset: an abort)."""
+    reader, _writer = conn
+    return reader.at_eof() or reader.exception() is not None
+
+
+async def _count_closed(conns: list[Conn], at_least: int, within_s: float) -> int:
+    """How many of `conns` the server has closed, waiting up to `within_s` for `at_least`."""
+    with contextlib.suppress(TimeoutError):
+        await wait_for(lambda: sum(map(_closed, conns)) >= at_least, within_s, "closed")
+    return sum(map(_closed, conns))
+
+
+async def _closed_by_server(conn: Conn, within_s: float) -> bool:
+    return await _count_closed([conn], 1, within_s) == 1
+
+
+async def _connect(port: int) -> Conn:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+def _close_all(conns: list[Conn]) -> None:
+    for _reader, writer in conns:
+        writer.close()
+
+
+def _transport(conn: Conn) -> asyncio.Transport:
+    transport = conn[1].transport
+    assert isinstance(transport, asyncio.Transport)
+    return transport
 
 
 def _endpoint_threads() -> int:
     return sum(1 for t in threading.enumerate() if t.name == "linectl-metrics")
 
 
-def test_idle_connections_are_bounded_and_a_scraper_is_still_answered(
+async def test_idle_connections_are_bounded_and_a_scraper_is_still_answered(
     metrics: LineMetrics,
 ) -> None:
     # Found by attack: 200 idle connections held 204 threads, one each, with no timeout.
-    threads_before = threading.active_count()
-    with metrics.serve("127.0.0.1", 0, request_timeout_s=60.0) as srv:
-        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(200)]
+    # Then one thread of its own served them; now the caller's event loop does, no thread.
+    threads_before = {t.ident for t in threading.enumerate()}
+    limits = replace(METRICS_LIMITS, head_timeout_s=60.0)
+    async with MetricsServer(
+        WithoutCreated(metrics.registry), "127.0.0.1", 0, limits=limits
+    ) as srv:
+        idle = [await _connect(srv.port) for _ in range(200)]
         try:
-            # One thread serves them all, however many connect.
-            assert _endpoint_threads() == 1
-            assert threading.active_count() <= threads_before + 1
+            assert _endpoint_threads() == 0
+            assert {t.ident for t in threading.enumerate()} == threads_before
             # A scraper is answered while they are all still open...
-            assert f'linectl_up{{line="{LINE}"}} 1.0' in scrape(srv.url)
-            # ... because the endpoint holds at most MAX_CONNECTIONS of them: the rest
-            # were closed to make room (the request timeout, 60 s, closed none of them).
-            closed = _count_closed(idle, len(idle) - MAX_CONNECTIONS, within_s=20.0)
-            assert closed >= len(idle) - MAX_CONNECTIONS
-            assert srv.stats.evicted >= len(idle) - MAX_CONNECTIONS
+            assert f'linectl_up{{line="{LINE}"}} 1.0' in await scrape(srv.url)
+            # ... because the endpoint holds at most 16 of them: the rest were closed to
+            # make room (the head deadline, 60 s here, closed none of them).
+            excess = len(idle) - METRICS_LIMITS.max_connections
+            assert await _count_closed(idle, excess, within_s=20.0) >= excess
+            assert srv.stats.evicted >= excess
+            assert srv.stats.refused == 0
             assert srv.stats.timed_out == 0
-            assert threading.active_count() <= threads_before + 1
+            assert srv.bounds.open <= METRICS_LIMITS.max_connections
+            assert {t.ident for t in threading.enumerate()} == threads_before
         finally:
-            for s in idle:
-                s.close()
-        assert f'linectl_up{{line="{LINE}"}} 1.0' in scrape(srv.url)
-        assert srv.stats.answered == 2
-    assert _endpoint_threads() == 0  # close() ends the endpoint's one thread
+            _close_all(idle)
+        assert f'linectl_up{{line="{LINE}"}} 1.0' in await scrape(srv.url)
+        assert srv.stats.requests == 2
+    assert _endpoint_threads() == 0
 
 
-def test_a_client_that_does_not_send_its_request_in_time_is_dropped(
+async def test_a_client_that_does_not_send_its_request_head_in_time_is_dropped(
     metrics: LineMetrics,
 ) -> None:
-    with metrics.serve("127.0.0.1", 0, request_timeout_s=0.5) as srv:
-        silent = socket.create_connection(("127.0.0.1", srv.port))
-        slow = socket.create_connection(("127.0.0.1", srv.port))
+    limits = replace(METRICS_LIMITS, head_timeout_s=2.5)
+    async with MetricsServer(
+        WithoutCreated(metrics.registry), "127.0.0.1", 0, limits=limits
+    ) as srv:
+        silent = await _connect(srv.port)
+        partial = await _connect(srv.port)
+        partial[1].write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+        # A slowloris: one byte a second, each one before aiohttp's keep-alive timeout
+        # (10 s) and the head deadline (2.5 s here) could notice a silence.
+        slowloris = await _connect(srv.port)
+        # And the same on a kept-alive connection, after one answered request.
+        kept = await _connect(srv.port)
+        kept[1].write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(kept[0].readuntil(b"\r\n\r\n"), 10.0)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(re.findall(rb"Content-Length: (\d+)", head)[0])
+        await kept[0].readexactly(length)
+        conns = [silent, partial, slowloris, kept]
         try:
-            slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never the blank line
-            assert _closed_by_server(silent, 20.0)  # hang guards: the timeout is 0.5 s
-            assert _closed_by_server(slow, 20.0)
+            started = time.monotonic()
+            request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+            sent = 0
+            while not (_closed(slowloris) and _closed(kept)) and sent < 20:
+                for _reader, writer in (slowloris, kept):
+                    if not writer.is_closing():
+                        writer.write(request[sent : sent + 1])
+                sent += 1
+                await asyncio.sleep(1.0)
+            # Cut after the deadline, 2.5 s (+ a second of trickle), never answered.
+            assert await _count_closed(conns, 4, within_s=20.0) == 4
+            assert time.monotonic() - started < 8.0, "the trickle held the connection"
+            assert 2 <= sent <= 6, sent
+            for reader, _writer in (silent, partial, slowloris):
+                assert reader.exception() is not None or await reader.read() == b""
         finally:
-            silent.close()
-            slow.close()
-        assert srv.stats.timed_out == 2
-        assert srv.stats.answered == 0
-        assert "linectl_up" in scrape(srv.url)
+            _close_all(conns)
+        assert srv.stats.timed_out == 4
+        assert srv.stats.requests == 1  # the kept-alive connection's first request
+        assert "linectl_up" in await scrape(srv.url)
+
+
+HEAD_LINES = b"Host: x\r\nConnection: close\r\n"
 
 
 @pytest.mark.parametrize(
-    ("request_bytes", "answer"),
+    ("request_bytes", "status"),
     [
-        (b"NONSENSE\r\n\r\n", b"HTTP/1.1 400 "),
-        (b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", b"HTTP/1.1 400 "),
-        (b"POST /metrics HTTP/1.1\r\n\r\n", b"HTTP/1.1 405 "),
-        (b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 10000 + b"\r\n\r\n", b""),  # too long
+        pytest.param(b"NONSENSE\r\n\r\n", 400, id="not-http"),
+        pytest.param(b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", 400, id="bad-header"),
+        pytest.param(b"POST /metrics HTTP/1.1\r\n" + HEAD_LINES + b"\r\n", 405, id="post"),
+        pytest.param(b"PUT /metrics HTTP/1.1\r\n" + HEAD_LINES + b"\r\n", 405, id="put"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + HEAD_LINES + b"\r\n", 404, id="root"),
+        pytest.param(b"GET /metricsx HTTP/1.1\r\n" + HEAD_LINES + b"\r\n", 404, id="other-path"),
+        pytest.param(
+            b"GET /metrics HTTP/1.1\r\n" + HEAD_LINES + b"X: " + b"a" * 5000 + b"\r\n\r\n",
+            400,
+            id="header-too-long",
+        ),
+        pytest.param(
+            b"GET /metrics?" + b"a" * 5000 + b" HTTP/1.1\r\n" + HEAD_LINES + b"\r\n",
+            400,
+            id="request-line-too-long",
+        ),
+        pytest.param(
+            b"GET /metrics HTTP/1.1\r\n"
+            + HEAD_LINES
+            + b"".join(b"X-%d: 1\r\n" % i for i in range(40))
+            + b"\r\n",
+            400,
+            id="too-many-headers",
+        ),
     ],
 )
-def test_requests_the_endpoint_does_not_take(
-    metrics: LineMetrics, request_bytes: bytes, answer: bytes
+async def test_requests_the_endpoint_does_not_take(
+    metrics: LineMetrics, request_bytes: bytes, status: int
 ) -> None:
-    with metrics.serve("127.0.0.1", 0) as srv:
-        with socket.create_connection(("127.0.0.1", srv.port)) as s:
-            s.settimeout(20.0)
-            with contextlib.suppress(ConnectionResetError):
-                s.sendall(request_bytes)
+    async with MetricsServer(WithoutCreated(metrics.registry), "127.0.0.1", 0) as srv:
+        reader, writer = await _connect(srv.port)
+        try:
+            writer.write(request_bytes)
             got = b""
             with contextlib.suppress(ConnectionResetError):
-                while chunk := s.recv(4096):
-                    got += chunk
-        assert got.startswith(answer)
+                got = await asyncio.wait_for(reader.read(), 20.0)  # the server closes
+        finally:
+            writer.close()
+        assert re.match(rb"HTTP/1\.[01] %d " % status, got), got[:100]
         assert b"linectl_up" not in got
-        assert "linectl_up" in scrape(srv.url)
+        assert "linectl_up" in await scrape(srv.url)
+        # What aiohttp could not parse never reached the application.
+        assert srv.stats.requests == (2 if status in (404, 405) else 1)
 
 
-def test_exposition_negotiation_is_prometheus_clients(
-    metrics: LineMetrics, server: MetricsServer
-) -> None:
-    req = urllib.request.Request(server.url, headers={"Accept-Encoding": "gzip"})
-    with urllib.request.urlopen(req, timeout=5.0) as resp:
-        assert resp.headers["Content-Encoding"] == "gzip"
-        assert resp.headers["Connection"] == "close"
-        body = gzip.decompress(resp.read()).decode()
-    assert f'linectl_up{{line="{LINE}"}} 1.0' in body
-    om = scrape(server.url, openmetrics=True)
+async def test_exposition_negotiation_is_prometheus_clients(server: MetricsServer) -> None:
+    async with aiohttp.ClientSession(auto_decompress=False) as http:
+        async with http.get(server.url, headers={"Accept-Encoding": "gzip"}) as resp:
+            assert resp.headers["Content-Encoding"] == "gzip"
+            assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+            body = gzip.decompress(await resp.read()).decode()
+        assert f'linectl_up{{line="{LINE}"}} 1.0' in body
+        async with http.get(server.url, headers={"Accept-Encoding": "identity"}) as resp:
+            assert "Content-Encoding" not in resp.headers
+            assert (await resp.text()).startswith("# HELP ")
+        async with http.head(server.url) as resp:
+            assert resp.status == 200
+            assert int(resp.headers["Content-Length"]) > 1000
+            assert await resp.read() == b""
+    om = await scrape(server.url, openmetrics=True)
     assert om.rstrip().endswith("# EOF")
+
+
+async def test_scrapes_together_cost_one_render_and_later_ones_see_new_values(
+    metrics: LineMetrics,
+) -> None:
+    # Rendering takes milliseconds on the loop the control cycle runs on: 16 scrapers at
+    # once must not cost 16 renders in one pass of the loop.
+    async with MetricsServer(WithoutCreated(metrics.registry), "127.0.0.1", 0, reuse_s=60.0) as srv:
+        texts = await asyncio.gather(*(scrape(srv.url) for _ in range(16)))
+        assert len(set(texts)) == 1
+        assert srv.exposition.renders == 1
+        await scrape(srv.url, openmetrics=True)  # another format: a render of its own
+        assert srv.exposition.renders == 2
+    async with MetricsServer(WithoutCreated(metrics.registry), "127.0.0.1", 0) as srv:
+        assert "linectl_cable_tension_newtons" in await scrape(srv.url)
+        metrics._process["linectl_cable_tension_newtons"].set(42.0)
+        await asyncio.sleep(RENDER_REUSE_S)
+        assert f'linectl_cable_tension_newtons{{line="{LINE}"}} 42.0' in await scrape(srv.url)
+        assert srv.exposition.renders == 2
+
+
+async def test_an_answer_not_taken_in_time_is_dropped_and_busy_slots_refuse() -> None:
+    # A client that asks and never reads holds its slot while its answer is written, for
+    # answer_timeout_s at most; while all slots are held so, a new connection is closed
+    # at once (there is no idle one to evict).
+    reg = CollectorRegistry()
+    g = Gauge("big", "A large exposition.", ["i"], registry=reg)
+    for i in range(40_000):
+        g.labels(f"{i:08d}-" + "x" * 60).set(i)
+    size = len(generate_latest(reg))
+    assert size > 3_000_000
+    limits = replace(METRICS_LIMITS, max_connections=4, answer_timeout_s=2.0)
+    async with MetricsServer(reg, "127.0.0.1", 0, limits=limits, reuse_s=60.0) as srv:
+        readers: list[Conn] = []
+        for _ in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", srv.port))
+            conn = await asyncio.open_connection(sock=sock, limit=1024)
+            conn[1].write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            readers.append(conn)
+        try:
+            await wait_for(lambda: srv.stats.requests >= 4, 20.0, "4 requests")
+            for conn in readers:
+                _transport(conn).pause_reading()  # and never read again
+            await asyncio.sleep(0.2)
+            assert not any(map(_closed, readers))
+            late = await _connect(srv.port)
+            assert await _closed_by_server(late, 1.0)
+            assert srv.stats.refused == 1
+            _close_all([late])
+            # The deadline (2 s here) drops the four; what they get is cut short.
+            await wait_for(lambda: srv.stats.timed_out == 4, 20.0, "4 answers timed out")
+            assert srv.bounds.open == 0
+            for reader, writer in readers:
+                _transport((reader, writer)).resume_reading()
+                got = b""
+                with contextlib.suppress(ConnectionResetError):
+                    got = await asyncio.wait_for(reader.read(), 20.0)
+                assert len(got) < size, "the whole answer went through"
+        finally:
+            _close_all(readers)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(srv.url, headers={"Accept-Encoding": "identity"}) as resp,
+        ):
+            assert resp.status == 200
+            assert len(await resp.read()) == size

@@ -435,7 +435,12 @@ def wall(i: int) -> str:
 
 
 def received_records(sub: Collector) -> list[dict[str, Any]]:
-    return [m.payload for m in sub.messages if "/records/" in m.topic]
+    # records/head (the outbox's newest seq, retained) is not a record.
+    return [
+        m.payload
+        for m in sub.messages
+        if "/records/" in m.topic and not m.topic.endswith("/records/head")
+    ]
 
 
 def check_nothing_lost(sub: Collector, db: Path, reel_id: str) -> dict[str, int]:

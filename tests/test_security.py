@@ -14,12 +14,12 @@ import asyncio
 import contextlib
 import json
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiomqtt
 import pytest
 from conftest import CONFIG_DIR, free_port
@@ -27,14 +27,22 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from linectl.commands import Command, CommandName, CommandResult
-from linectl.config import LineConfig, LoadedConfig, MetricsConfig, MqttConfig, load_config
+from linectl.config import (
+    HttpConfig,
+    LineConfig,
+    LoadedConfig,
+    MetricsConfig,
+    MqttConfig,
+    load_config,
+)
 from linectl.core.control import CommandRefused, Controller, LineState, ReelPlan
 from linectl.errors import ConfigError
-from linectl.metrics import LineMetrics
+from linectl.metrics import LineMetrics, WithoutCreated
 from linectl.mqtt import MqttBridge
 from linectl.service import LineService, select_recipe
 from linectl.store import AuditEvent, RecordStore
 from linectl.telemetry import Topics
+from linectl.web.server import HMI_LIMITS, HmiServer, serve_metrics
 
 NO_ROLE = (
     "identity 'stranger' has no role: "
@@ -99,6 +107,7 @@ def audit(tmp_path: Path) -> list[AuditEvent]:
         return [e for e in store.events() if e.action != "transition"]
 
 
+TWO_S = aiohttp.ClientTimeout(total=2.0)
 START = Command(CommandName.START_REEL, "stranger", "s1", reel_id="R1", length_m=100.0)
 
 
@@ -311,7 +320,7 @@ def _non_loopback_address() -> str | None:
     return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
 
 
-def test_metrics_endpoint_binds_loopback_by_default(tmp_path: Path) -> None:
+async def test_metrics_endpoint_binds_loopback_by_default(tmp_path: Path) -> None:
     # A line.toml without [metrics] gets the loopback default.
     minimal = LineConfig.model_validate(
         {
@@ -322,21 +331,73 @@ def test_metrics_endpoint_binds_loopback_by_default(tmp_path: Path) -> None:
     )
     assert minimal.metrics.host == "127.0.0.1"
     assert load_config(CONFIG_DIR, environ={}).line.metrics.host == "127.0.0.1"
-    metrics = LineMetrics("l1")
-    server = metrics.serve_config(minimal.metrics.model_copy(update={"port": 0}))
+    exposition = WithoutCreated(LineMetrics("l1").registry)
+    server = await serve_metrics(exposition, minimal.metrics.model_copy(update={"port": 0}))
     assert server is not None
     try:
-        host, port = server._server.socket.getsockname()[:2]
+        host, port = server.sockname[:2]
         assert host == "127.0.0.1"  # the socket's own address, not the configured string
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            assert b"linectl_up" in r.read()
-        other = _non_loopback_address()
-        if other is not None:
-            with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
-                urllib.request.urlopen(f"http://{other}:{port}/metrics", timeout=2)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert b"linectl_up" in await r.read()
+            other = _non_loopback_address()
+            if other is not None:
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    async with http.get(f"http://{other}:{port}/metrics", timeout=TWO_S):
+                        pass
     finally:
-        server.close()
-    assert metrics.serve_config(MetricsConfig(enabled=False)) is None
+        await server.close()
+    assert await serve_metrics(exposition, MetricsConfig(enabled=False)) is None
+
+
+async def _answer(port: int, request: bytes, within_s: float = 20.0) -> bytes:
+    """What the server sends back to `request` until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        with contextlib.suppress(ConnectionResetError):
+            return await asyncio.wait_for(reader.read(), within_s)
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_the_hmi_server_bounds_connections_and_request_heads(tmp_path: Path) -> None:
+    # The bounds of the metrics endpoint (tests/test_metrics.py), on the HMI's server:
+    # a connection cap with eviction of idle ones, a deadline for each request head (a
+    # slowloris is cut), a bound on the head's size.
+    limits = replace(HMI_LIMITS, max_connections=8, head_timeout_s=2.0)
+    async with running(offline_config(tmp_path)) as svc:
+        hmi = HmiServer(svc, HttpConfig(enabled=True, port=0), limits=limits)
+        await hmi.start(port=0)
+        try:
+            port = int(hmi.url.rsplit(":", 1)[1])
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(30)]
+            ok = await _answer(
+                port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert ok.startswith(b"HTTP/1.1 200 ")
+            assert hmi.bounds.stats.evicted >= 30 - 8 + 1
+            assert hmi.bounds.open <= 8
+            for _reader, writer in idle:
+                writer.close()
+            # A slowloris: a byte a second is not a request; cut at the deadline, 2 s.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            started = asyncio.get_running_loop().time()
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n":
+                if reader.at_eof() or reader.exception() is not None or writer.is_closing():
+                    break
+                writer.write(bytes([byte]))
+                with contextlib.suppress(TimeoutError, ConnectionResetError):
+                    if await asyncio.wait_for(reader.read(1), 1.0) == b"":
+                        break
+            assert asyncio.get_running_loop().time() - started < 5.0
+            assert hmi.bounds.stats.timed_out == 1
+            writer.close()
+            big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nCookie: " + b"a" * 9000 + b"\r\n\r\n"
+            assert (await _answer(port, big)).startswith(b"HTTP/1.0 400 ")
+        finally:
+            await hmi.stop()
 
 
 # ---------------------------------------------------------------------- secrets in config

@@ -73,11 +73,12 @@ def test_topic_table_names_a_schema_for_every_payload_topic() -> None:
         assert spec.qos in (0, 1)
         if spec.pattern != "schema":
             assert spec.schema in SCHEMAS, spec
-    # Records are events: never retained, always acknowledged.
+    # Records are events: never retained, always acknowledged. records/head is the
+    # outbox's state (its newest seq), retained like the other state topics.
     for spec in TOPIC_SPECS:
-        if spec.pattern.startswith("records/"):
+        if spec.pattern.startswith(("records/", "replayed/")):
             assert spec.qos == 1
-            assert not spec.retain
+            assert spec.retain == (spec.pattern == "records/head")
     assert {s.pattern.removeprefix("records/") for s in TOPIC_SPECS} >= set(RECORD_KINDS)
 
 
@@ -214,7 +215,15 @@ def test_record_payload() -> None:
     assert p["seq"] == 17
     assert p["historical"] is True
     assert p["t_ms"] == T0 + 1250
+    assert p["t"] == "2026-01-01T00:00:01.250+00:00"  # the store's text, verbatim
     assert p["kind"] == "estop"
+    assert "store_id" not in p
+    assert "replay" not in p
+    _check(p, "alarm")
+    p = record_payload(
+        17, "alarm", "2026-01-01T00:00:01.250+00:00", data, historical=True, store_id="u-1"
+    )
+    assert p["store_id"] == "u-1"
     _check(p, "alarm")
     with pytest.raises(ValueError, match="unknown record kind"):
         record_payload(1, "nope", "2026-01-01T00:00:00+00:00", {}, historical=False)

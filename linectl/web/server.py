@@ -11,12 +11,21 @@ The live feed never delays the control cycle: the cycle's hooks only note that
 something changed (and hand over the metres recorded); one task builds the state at most
 5 times a second and each client is sent a delta from what it last got, or nothing while
 its connection is still busy with the last message (then a larger delta later).
+
+`MetricsServer` is the `[metrics]` endpoint: a second, small aiohttp application (GET
+/metrics, nothing else) on the same event loop. Both servers listen behind
+`linectl.web.bounds` (a connection cap and a deadline for each request head) with
+aiohttp's own limits on the head's size and the keep-alive time, and a deadline to take
+each answer (`HttpLimits`; docs/security.md). The exposition is rendered on the loop: it
+only reads the registry (no I/O), and a render is reused for RENDER_REUSE_S, so however
+many scrapers ask, the loop renders at most one per format in that time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import logging
 import math
@@ -26,10 +35,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from types import TracebackType
+from typing import Any, Final, Self
 
 from aiohttp import WSMsgType, web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Middleware
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from linectl.commands import (
@@ -41,7 +53,7 @@ from linectl.commands import (
     nak,
     parse_command,
 )
-from linectl.config import HttpConfig
+from linectl.config import HttpConfig, MetricsConfig
 from linectl.core.line import reading_values
 from linectl.core.views import acc_view, cnv_view
 from linectl.errors import LocalError
@@ -49,6 +61,7 @@ from linectl.report import build_report, list_reels
 from linectl.service import LineService, link_fresh
 from linectl.store import RecordStore
 from linectl.web.auth import LoginLimiter, Session, Sessions, csrf_ok, verify_password
+from linectl.web.bounds import ConnectionBounds, ConnectionStats
 from linectl.web.feed import (
     TREND_PERIOD_MS,
     ClientView,
@@ -61,6 +74,26 @@ from linectl.web.feed import (
 )
 
 log = logging.getLogger("linectl.web")
+
+
+class _ClientFaults(logging.Filter):
+    """aiohttp logs a request it cannot parse (not HTTP, a header too long: the client's
+    fault) as an error with a traceback; anyone who can connect could fill the log with
+    them. Here each is one line at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            detail = " ".join(str(exc.message).split())[:200].replace("%", "%%")
+            record.msg = f"{record.msg}: {exc.code} {detail}"
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+http_log = logging.getLogger("linectl.web.http")
+"""aiohttp's connection handlers log here (not to aiohttp.server)."""
+http_log.addFilter(_ClientFaults())
 
 STATIC_DIR: Final = Path(__file__).parent / "static"
 COOKIE: Final = "linectl_session"
@@ -79,6 +112,56 @@ SNAPSHOT_AFTER_SKIPS: Final = 25
 MAX_BODY_BYTES: Final = 16 * 1024
 CYCLE_STALE_S: Final = 2.0
 """/healthz answers 503 when the control cycle has not run for this long."""
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one HTTP client may hold of a server on the daemon's loop."""
+
+    max_connections: int
+    """Connections held at once. At the limit a new one takes the place of the oldest one
+    that is not being answered (closed), or is closed at once when all are answered."""
+    head_timeout_s: float
+    """A request line and its headers must arrive within this of the connection opening
+    (or of a later request's first byte); otherwise the connection is closed unanswered."""
+    answer_timeout_s: float
+    """The client must take its answer within this, or the connection is dropped."""
+    keepalive_timeout_s: float
+    """An idle kept-alive connection is closed after this (aiohttp's keepalive_timeout;
+    its default is an hour)."""
+    max_line_bytes: int
+    """The request line (aiohttp's max_line_size); longer: 400 and closed."""
+    max_field_bytes: int
+    """One header, name and value (aiohttp's max_field_size); longer: 400 and closed."""
+    max_headers: int
+    """Headers in one request (aiohttp's max_headers); more: 400 and closed."""
+
+
+METRICS_LIMITS: Final = HttpLimits(
+    max_connections=16,
+    head_timeout_s=5.0,
+    answer_timeout_s=10.0,
+    keepalive_timeout_s=10.0,
+    max_line_bytes=4096,
+    max_field_bytes=4096,
+    max_headers=32,
+)
+"""The [metrics] endpoint's: a scraper sends a short GET with a few headers."""
+HMI_SPARE_CONNECTIONS: Final = 32
+"""The HMI holds `max_clients` live-feed connections plus this many for pages and API
+calls (a browser opens up to 6 per server)."""
+HMI_LIMITS: Final = HttpLimits(
+    max_connections=50 + HMI_SPARE_CONNECTIONS,  # [http] max_clients + spare: see HmiServer
+    head_timeout_s=10.0,
+    answer_timeout_s=30.0,
+    keepalive_timeout_s=30.0,
+    max_line_bytes=8190,
+    max_field_bytes=8190,
+    max_headers=64,
+)
+"""The HMI's (the browser's cookie and headers fit; a reel's report may be large)."""
+RENDER_REUSE_S: Final = 0.1
+"""A rendered exposition is served again to scrapes within this time (per format)."""
 
 _SECURITY_HEADERS: Final = {
     # Same-origin everything: no CDN, no inline script, no framing (clickjacking).
@@ -116,10 +199,20 @@ class HmiServer:
         metrics: Collector | None = None,
         broker_state: Callable[[], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        limits: HttpLimits | None = None,
     ) -> None:
         self.svc = svc
         self.config = config
         self.metrics = metrics
+        self._exposition = None if metrics is None else Exposition(metrics)
+        self.limits = limits or replace(
+            HMI_LIMITS, max_connections=config.max_clients + HMI_SPARE_CONNECTIONS
+        )
+        self.bounds = ConnectionBounds(
+            "HMI",
+            max_connections=self.limits.max_connections,
+            head_timeout_s=self.limits.head_timeout_s,
+        )
         self.broker_state = broker_state or (lambda: "off")
         self.clock = clock
         self.sessions = Sessions(config.session_ttl_s)
@@ -128,6 +221,7 @@ class HmiServer:
         self.clients: set[_Client] = set()
         self.url = ""
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._loads: set[asyncio.Task[None]] = set()
         self._tls = config.tls_cert_file is not None
@@ -141,7 +235,10 @@ class HmiServer:
     # ------------------------------------------------------------------ life
 
     def _make_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_headers])
+        app = web.Application(
+            client_max_size=MAX_BODY_BYTES,
+            middlewares=[_bounded(self.bounds, self.limits.answer_timeout_s), _headers],
+        )
         r = app.router
         r.add_get("/", self._page("index.html"))
         r.add_get("/reels", self._page("reels.html"))
@@ -173,17 +270,18 @@ class HmiServer:
                 ctx.load_cert_chain(cert, key)
             except (OSError, ssl.SSLError) as exc:
                 raise LocalError(f"[http] TLS: cannot load {cert} / {key}: {exc}") from None
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, cfg.host, cfg.port if port is None else port, ssl_context=ctx)
         try:
-            await site.start()
+            self._runner, self._server = await _listen(
+                self.app,
+                cfg.host,
+                cfg.port if port is None else port,
+                self.limits,
+                self.bounds,
+                ssl_context=ctx,
+            )
         except OSError as exc:
-            await runner.cleanup()
             raise LocalError(f"[http] cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
-        self._runner = runner
-        addrs = runner.addresses
-        bound = addrs[0][1] if addrs else cfg.port
+        bound = _bound_port(self._server, cfg.port)
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         self.url = f"{'https' if ctx else 'http'}://{host}:{bound}"
         self._task = asyncio.create_task(self._publish(), name="linectl-hmi-feed")
@@ -200,9 +298,9 @@ class HmiServer:
                 await client.ws.close(code=1001, message=b"linectl stopping")
         for task in list(self._loads):
             task.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        runner, server = self._runner, self._server
+        self._runner = self._server = None
+        await _unlisten(runner, server)
 
     # ------------------------------------------------------------------ the feed
 
@@ -551,10 +649,9 @@ class HmiServer:
         return web.json_response(body, status=200 if ok else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        if self.metrics is None:
+        if self._exposition is None:
             return _error(404, "metrics are not enabled")
-        body = await asyncio.to_thread(generate_latest, self.metrics)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return self._exposition.response(request)
 
     def _page(self, name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         path = STATIC_DIR / name
@@ -563,6 +660,245 @@ class HmiServer:
             return web.FileResponse(path)
 
         return page
+
+
+# ---------------------------------------------------------------------- /metrics
+
+
+class Exposition:
+    """prometheus_client's exposition of one collector, as the scraper asks for it: text
+    or OpenMetrics (prometheus_client's `choose_encoder`), gzip when accepted.
+
+    Rendered on the loop (a few milliseconds: reading the registry does no I/O) and kept
+    for `reuse_s`, so that scrapes arriving together cost one render, not one each."""
+
+    MAX_KEPT: Final = 8
+    """Renders kept (one per format asked for; the Accept header chooses the format)."""
+
+    def __init__(
+        self,
+        collector: Collector,
+        *,
+        reuse_s: float = RENDER_REUSE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.collector = collector
+        self.reuse_s = reuse_s
+        self.clock = clock
+        self.renders = 0
+        """Renders so far (a scrape answered from a kept render does not count)."""
+        self._kept: dict[tuple[str, bool], tuple[float, bytes]] = {}
+        self._failed = False
+
+    def response(self, request: web.BaseRequest) -> web.Response:
+        """The answer to one scrape."""
+        gzipped = _gzip_accepted(request.headers.get("Accept-Encoding", ""))
+        try:
+            encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+            key = (content_type, gzipped)
+            now = self.clock()
+            kept = self._kept.get(key)
+            if kept is None or now - kept[0] >= self.reuse_s:
+                body = encoder(self.collector)
+                if gzipped:
+                    body = gzip.compress(body)
+                if len(self._kept) >= self.MAX_KEPT:
+                    self._kept.clear()
+                kept = self._kept[key] = (now, body)
+                self.renders += 1
+        except Exception:
+            if not self._failed:  # the first failure in full, the rest answered 500 only
+                self._failed = True
+                log.exception("metrics: the exposition failed")
+            return web.Response(status=500, text="exposition failed\n")
+        headers = {"Content-Type": content_type}
+        if gzipped:
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=kept[1], headers=headers)
+
+
+class MetricsServer:
+    """The `[metrics]` endpoint: GET (or HEAD) /metrics on the running event loop, 404
+    for any other path, 405 for any other method; within METRICS_LIMITS.
+
+    `start()` binds it (LocalError naming the address when it cannot), `close()` stops
+    it and frees the port (idempotent); `async with` does both."""
+
+    def __init__(
+        self,
+        collector: Collector,
+        host: str,
+        port: int,
+        *,
+        limits: HttpLimits = METRICS_LIMITS,
+        reuse_s: float = RENDER_REUSE_S,
+    ) -> None:
+        self.host = host
+        self.port = port
+        """The bound port once started (the free port chosen when 0 was asked for)."""
+        self.limits = limits
+        self.exposition = Exposition(collector, reuse_s=reuse_s)
+        self.bounds = ConnectionBounds(
+            "metrics", max_connections=limits.max_connections, head_timeout_s=limits.head_timeout_s
+        )
+        self.app = web.Application(middlewares=[_bounded(self.bounds, limits.answer_timeout_s)])
+        self.app.router.add_get("/metrics", self._scrape)  # GET and HEAD
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Listen on host:port."""
+        try:
+            self._runner, self._server = await _listen(
+                self.app, self.host, self.port, self.limits, self.bounds
+            )
+        except OSError as exc:
+            raise LocalError(
+                f"metrics endpoint: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from None
+        self.port = _bound_port(self._server, self.port)
+        log.info("metrics on %s", self.url)
+
+    async def close(self) -> None:
+        """Stop serving, drop every connection, release the socket."""
+        runner, server = self._runner, self._server
+        self._runner = self._server = None
+        await _unlisten(runner, server)
+
+    @property
+    def stats(self) -> ConnectionStats:
+        """Connections let in and turned away, requests answered."""
+        return self.bounds.stats
+
+    @property
+    def sockname(self) -> tuple[Any, ...]:
+        """The listening socket's own address (host, port, ...)."""
+        if self._server is None or not self._server.sockets:
+            raise LocalError("metrics endpoint: not listening")
+        return tuple(self._server.sockets[0].getsockname())
+
+    @property
+    def url(self) -> str:
+        """The scrape URL."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    async def _scrape(self, request: web.Request) -> web.Response:
+        return self.exposition.response(request)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def serve_metrics(collector: Collector, config: MetricsConfig) -> MetricsServer | None:
+    """Serve `collector` as the line's [metrics] section says; None when it is disabled."""
+    if not config.enabled:
+        return None
+    server = MetricsServer(collector, config.host, config.port)
+    await server.start()
+    return server
+
+
+# ---------------------------------------------------------------------- listening
+
+
+async def _listen(
+    app: web.Application,
+    host: str,
+    port: int,
+    limits: HttpLimits,
+    bounds: ConnectionBounds,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+) -> tuple[web.AppRunner, asyncio.Server]:
+    """Serve `app` on host:port behind `bounds` (aiohttp's TCPSite, with the protocol
+    factory wrapped: aiohttp has no hook for the connection cap or the head deadline).
+    OSError when the address cannot be bound."""
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        logger=http_log,
+        keepalive_timeout=limits.keepalive_timeout_s,
+        max_line_size=limits.max_line_bytes,
+        max_field_size=limits.max_field_bytes,
+        max_headers=limits.max_headers,
+    )
+    await runner.setup()
+    factory = runner.server
+    assert factory is not None  # set up above
+    try:
+        server = await asyncio.get_running_loop().create_server(
+            bounds.wrap(factory),
+            host,
+            port,
+            ssl=ssl_context,
+            backlog=128,
+            # The bounds see a TLS connection once its handshake is done: this bounds that.
+            ssl_handshake_timeout=limits.head_timeout_s if ssl_context is not None else None,
+        )
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, server
+
+
+async def _unlisten(runner: web.AppRunner | None, server: asyncio.Server | None) -> None:
+    """Stop listening, then close every connection (aiohttp's shutdown of its handlers)."""
+    if server is not None:
+        server.close()
+    if runner is not None:
+        await runner.cleanup()
+    if server is not None:
+        await server.wait_closed()
+
+
+def _bound_port(server: asyncio.Server, asked: int) -> int:
+    sockets = server.sockets
+    return int(sockets[0].getsockname()[1]) if sockets else asked
+
+
+def _bounded(bounds: ConnectionBounds, answer_timeout_s: float) -> Middleware:
+    """Tells `bounds` which connections are being answered, and writes each answer under
+    its deadline (aiohttp would write it after the handler with no deadline at all)."""
+
+    @web.middleware
+    async def bounded(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        transport = request.transport
+        bounds.request_started(transport)
+        # aiohttp runs each request (handler, then writing the answer) in a task of its
+        # own: the connection is idle again when that task ends.
+        task = asyncio.current_task()
+        assert task is not None  # a handler always runs in a task
+        task.add_done_callback(lambda _task: bounds.request_finished(transport))
+        resp = await handler(request)
+        if not resp.prepared:  # a WebSocket, prepared by its handler, has its own bounds
+            try:
+                async with asyncio.timeout(answer_timeout_s):
+                    await resp.prepare(request)
+                    await resp.write_eof()
+            except TimeoutError:
+                bounds.answer_timed_out(transport)
+            except ConnectionError:
+                pass  # the client left; aiohttp notes it when it finishes the response
+        return resp
+
+    return bounded
+
+
+def _gzip_accepted(accept_encoding: str) -> bool:
+    return any(part.split(";")[0].strip().lower() == "gzip" for part in accept_encoding.split(","))
 
 
 # ---------------------------------------------------------------------- helpers
