@@ -287,22 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # the running daemon's client, through the MQTT broker or the HTTP API -------------
     _add_client_parsers(commands, recipe_cmds)
-    _say_config_default(parser)
     return parser
-
-
-_CONFIG_DEFAULT = "default: $LINECTL_CONFIG_DIR or ./config"
-
-
-def _say_config_default(parser: argparse.ArgumentParser) -> None:
-    """Every command's --config help says where its default comes from: a command module
-    whose help does not (`run`'s) gets the common default appended."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                _say_config_default(sub)
-        elif "--config" in action.option_strings and "default" not in (action.help or ""):
-            action.help = f"{action.help or 'configuration directory'} ({_CONFIG_DEFAULT})"
 
 
 _CLIENT_EPILOG = """\

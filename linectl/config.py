@@ -396,6 +396,9 @@ class ControlTuning(_Strict):
     them. Any other latched fault still needs an operator reset."""
 
 
+LINE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""A line id: one MQTT topic level, letters, digits, `_` and `-`, 1 to 64 characters."""
+
 HISTORIAN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 """A historian id: one MQTT topic level and part of the historian's client id: letters,
 digits, `_`, `.` and `-`, 1 to 64 characters (the rule historian.toml's `id` follows)."""
@@ -600,7 +603,7 @@ class HttpConfig(_Strict):
 class LineConfig(_Strict):
     """One irradiation line: identity, PLCs, cycle, geometry, records."""
 
-    line_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    line_id: Annotated[str, Field(pattern=LINE_ID_RE.pattern)]
     """Line identifier (used in MQTT topics and records)."""
     cycle_period_s: Annotated[float, Field(ge=0.005, le=1.0)] = 0.05
     """Control cycle period."""

@@ -46,7 +46,12 @@ def add_run_parser(commands: Any) -> None:
             "metres it could not see recorded as unproven) when the daemon runs again."
         ),
     )
-    p.add_argument("--config", type=Path, default=None, help="configuration directory")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="configuration directory (default: $LINECTL_CONFIG_DIR or ./config)",
+    )
     p.add_argument("--reel", help="reel id to run")
     p.add_argument("--recipe", help="recipe name (file stem in recipes_dir) or path")
     p.add_argument("--length", type=float, help="planned reel length, m")

@@ -30,7 +30,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
@@ -76,6 +75,7 @@ from linectl.telemetry import (
     alarms_active_payload,
     encode,
     live_payload,
+    ms_to_iso,
     parse_confirmation,
     parse_replay_request,
     record_payload,
@@ -900,9 +900,7 @@ class MqttBridge:
             ]
         )
         before_ms = self.wall_ms() - round(days * 86_400_000)
-        before_iso = datetime.fromtimestamp(before_ms / 1000, UTC).isoformat(
-            timespec="milliseconds"
-        )
+        before_iso = ms_to_iso(before_ms)
         total = PruneResult()
         after = 0
         while True:

@@ -745,10 +745,6 @@ class RecordStore:
         "operator, planned_length_m, started_at, start_json, state, ended_at, end_reason"
     )
 
-    @staticmethod
-    def _reel_from_row(row: Sequence[Any]) -> ReelRecord:
-        return reel_from_row(row)
-
     def find_open_reel(self, line_id: str) -> ReelRecord | None:
         """The reel of this line still open (after a restart: the one to resume or close)."""
         rows = self._query(
@@ -760,7 +756,7 @@ class RecordStore:
             log.warning(
                 "line %s has %d open reels; returning the latest started", line_id, len(rows)
             )
-        return self._reel_from_row(rows[0]) if rows else None
+        return reel_from_row(rows[0]) if rows else None
 
     def reel(self, reel_id: str) -> ReelRecord:
         """A stored reel; LocalError if unknown (saying so when retention deleted it)."""
@@ -777,7 +773,7 @@ class RecordStore:
                     f"{reel_id})"
                 )
             raise LocalError(f"no reel {reel_id!r} in {self.path}")
-        return self._reel_from_row(rows[0])
+        return reel_from_row(rows[0])
 
     def reel_exists(self, reel_id: str) -> bool:
         """Whether a reel with this id was ever recorded (a reel id is used once), a reel
@@ -788,7 +784,7 @@ class RecordStore:
     def reels(self) -> list[ReelRecord]:
         """Every reel, oldest start first."""
         rows = self._query(f"SELECT {self._REEL_COLUMNS} FROM reels ORDER BY started_at, rowid")
-        return [self._reel_from_row(r) for r in rows]
+        return [reel_from_row(r) for r in rows]
 
     def metre_tallies(self) -> dict[str, tuple[int, int, int]]:
         """Reel id -> (metres stored, of them in spec, last stored index), for every reel
@@ -1258,11 +1254,7 @@ class RecordStore:
 
     def outbox_after(self, seq: int, limit: int = 100) -> list[OutboxRow]:
         """Outbox rows with a sequence number above `seq`, oldest first, at most `limit`."""
-        rows = self._query(
-            "SELECT seq, kind, t, data FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-            (seq, limit),
-        )
-        return [OutboxRow(int(r[0]), r[1], r[2], json.loads(r[3])) for r in rows]
+        return self.outbox_range(seq + 1, 2**63 - 1, limit)
 
     def outbox_range(self, from_seq: int, to_seq: int, limit: int | None = None) -> list[OutboxRow]:
         """The outbox rows from_seq..to_seq (inclusive) still held, oldest first, at most

@@ -244,6 +244,11 @@ def test_historian_status_and_migrate(line_store: Path, dsn: str, tmp_path: Path
     assert code == 0, stderr
     stores = json.loads(stdout)["stores"]
     assert sorted(s["line_id"] for s in stores) == ["line-1", "line-2"]
+    # As docs/historian.md runs it: the database named by the configuration file.
+    conf = write(tmp_path, f'[historian]\nlines = ["line-1"]\n[postgres]\ndsn = "{dsn}"\n')
+    code, stdout, stderr = run_cli("historian", "status", "--config", str(conf))
+    assert code == 0, stderr
+    assert "line line-1 store " in stdout
 
 
 def test_historian_check_names_a_bad_file(tmp_path: Path) -> None:

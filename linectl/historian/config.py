@@ -11,20 +11,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from linectl.config import HISTORIAN_ID_RE, MqttTls, read_toml
+from linectl.config import HISTORIAN_ID_RE, LINE_ID_RE, MqttTls, _Strict, read_toml
 from linectl.config import _format_validation as format_validation_error
 from linectl.errors import ConfigError
 
 _ID = HISTORIAN_ID_RE.pattern
 """A historian id: the rule a line's `[records] historians` follows."""
-_LINE_ID = r"^[A-Za-z0-9_-]{1,64}$"
+_LINE_ID = LINE_ID_RE.pattern
 """A line id: the rule line.toml's `line_id` follows."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class HistorianSection(_Strict):

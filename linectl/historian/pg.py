@@ -1421,22 +1421,34 @@ class _Apply:
 
     # ---------------------------------------------------------------- alarms, events
 
+    async def _held_by_id(
+        self,
+        table: str,
+        id_column: str,
+        columns: Sequence[str],
+        wanted: Mapping[tuple[str, str], set[int]],
+    ) -> dict[tuple[str, str, int], dict[str, Any]]:
+        """The rows already held of `table` (alarms, events) for the ids each (line,
+        store) of the batch names, as column -> value, by (line, store, id)."""
+        held: dict[tuple[str, str, int], dict[str, Any]] = {}
+        cols = ", ".join(columns)
+        for (line_id, store_id), ids in wanted.items():
+            cur = await self.conn.execute(
+                f"SELECT {id_column}, {cols} FROM {table} "
+                f"WHERE line_id = %s AND store_id = %s AND {id_column} = ANY(%s)",
+                (line_id, store_id, sorted(ids)),
+            )
+            for r in await cur.fetchall():
+                held[(line_id, store_id, int(r[0]))] = dict(zip(columns, r[1:], strict=True))
+        return held
+
     async def _alarms(self) -> None:
         if not self.alarm_events:
             return
         wanted: dict[tuple[str, str], set[int]] = {}
         for rec, _e, alarm_id, _c, _by in self.alarm_events:
             wanted.setdefault((rec.line_id, rec.store_id), set()).add(alarm_id)
-        held: dict[tuple[str, str, int], dict[str, Any]] = {}
-        cols = ", ".join(_ALARM_COLUMNS)
-        for (line_id, store_id), ids in wanted.items():
-            cur = await self.conn.execute(
-                f"SELECT alarm_id, {cols} FROM alarms "
-                "WHERE line_id = %s AND store_id = %s AND alarm_id = ANY(%s)",
-                (line_id, store_id, sorted(ids)),
-            )
-            for r in await cur.fetchall():
-                held[(line_id, store_id, int(r[0]))] = dict(zip(_ALARM_COLUMNS, r[1:], strict=True))
+        held = await self._held_by_id("alarms", "alarm_id", _ALARM_COLUMNS, wanted)
         changed: set[tuple[str, str, int]] = set()
         for rec, event, alarm_id, content, by in self.alarm_events:
             key = (rec.line_id, rec.store_id, alarm_id)
@@ -1480,16 +1492,7 @@ class _Apply:
         wanted: dict[tuple[str, str], set[int]] = {}
         for rec, event_id, _row in self.events:
             wanted.setdefault((rec.line_id, rec.store_id), set()).add(event_id)
-        held: dict[tuple[str, str, int], dict[str, Any]] = {}
-        cols = ", ".join(_EVENT_COLUMNS)
-        for (line_id, store_id), ids in wanted.items():
-            cur = await self.conn.execute(
-                f"SELECT event_id, {cols} FROM events "
-                "WHERE line_id = %s AND store_id = %s AND event_id = ANY(%s)",
-                (line_id, store_id, sorted(ids)),
-            )
-            for r in await cur.fetchall():
-                held[(line_id, store_id, int(r[0]))] = dict(zip(_EVENT_COLUMNS, r[1:], strict=True))
+        held = await self._held_by_id("events", "event_id", _EVENT_COLUMNS, wanted)
         new: list[tuple[Any, ...]] = []
         for rec, event_id, row in self.events:
             key = (rec.line_id, rec.store_id, event_id)
@@ -1500,6 +1503,7 @@ class _Apply:
             elif had != row:
                 self._key_conflict(rec, f"audit event {event_id}", {"held": had, "received": row})
         if new:
+            cols = ", ".join(_EVENT_COLUMNS)
             marks = ", ".join(["%s"] * (len(_EVENT_COLUMNS) + 3))
             async with self.conn.cursor() as cur:
                 await cur.executemany(

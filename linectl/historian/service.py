@@ -36,7 +36,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from linectl.aio import entered, task_group, unix_ms, wait_event
+from linectl.aio import cancellable, entered, task_group, unix_ms, wait_event
 from linectl.broker import (
     V5,
     Backoff,
@@ -214,12 +214,10 @@ class HistorianService:
         """(line id, store id) -> the tracker of the store's current epoch."""
         self.current_store: dict[str, str] = {}
         """line id -> the store id the line announced last (the one told what is held)."""
-        self.epochs: dict[tuple[str, str], int] = {}
         self._queue: asyncio.Queue[RecordMsg] = asyncio.Queue()
         self._stopping = asyncio.Event()
         self._confirm_due: set[tuple[str, str]] = set()
         self._confirmed_sent: dict[str, tuple[str, int]] = {}
-        self._client: aiomqtt.Client | None = None
         self._last_error = ""
         self._loaded = False
         self.settings = BrokerSettings(
@@ -245,9 +243,9 @@ class HistorianService:
         for row in await self.db.line_stores():
             store_id, epoch = split_key(row.store_id)
             key = (row.line_id, store_id)
-            if epoch < self.epochs.get(key, -1):
-                continue
-            self.epochs[key] = epoch
+            current = self.trackers.get(key)
+            if current is not None and epoch < split_key(current.key)[1]:
+                continue  # an older epoch of a store that was restored
             above = await self.db.seqs_above(row.line_id, row.store_id, row.confirmed_seq)
             self.trackers[key] = StoreTracker(
                 row.line_id,
@@ -286,7 +284,6 @@ class HistorianService:
             )
         self._last_error = why
         self.stats.connected = False
-        self._client = None
 
     def _make_client(self) -> aiomqtt.Client:
         factory = self.client_factory
@@ -315,9 +312,8 @@ class HistorianService:
             for line_id in sorted(self.lines):
                 base = Topics.for_line(self.prefix, line_id).base
                 # records/+ brings records/head (retained) too.
-                await client.subscribe(f"{base}/records/+", qos=1)
-                await client.subscribe(f"{base}/replayed/{self.hid}/+", qos=1)
-            self._client = client
+                await cancellable(client.subscribe(f"{base}/records/+", qos=1))
+                await cancellable(client.subscribe(f"{base}/replayed/{self.hid}/+", qos=1))
             # Everything is said again on a new connection: a broker restart loses nothing
             # the lines need from us then.
             self._confirmed_sent.clear()
@@ -337,7 +333,6 @@ class HistorianService:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                self._client = None
                 self.stats.connected = False
 
     # ------------------------------------------------------------------ receive
@@ -375,7 +370,6 @@ class HistorianService:
                     line_id,
                     store_id,
                 )
-            self.epochs[key] = 0
             tracker = StoreTracker(line_id, store_id, epoch_key(store_id, 0))
             self.trackers[key] = tracker
         return tracker
@@ -440,8 +434,7 @@ class HistorianService:
         """The store went back (restored from a backup): keep what is held under the old
         epoch, report it, and take the store's records above `base_seq` as a new epoch."""
         key = (tracker.line_id, tracker.store_id)
-        epoch = self.epochs.get(key, 0) + 1
-        self.epochs[key] = epoch
+        epoch = split_key(tracker.key)[1] + 1
         new = StoreTracker(
             tracker.line_id,
             tracker.store_id,
@@ -630,7 +623,7 @@ class HistorianService:
         )
         payload = replay_request_payload(gap.first_seq, gap.last_seq, uuid.uuid4().hex)
         topics = Topics.for_line(self.prefix, tracker.line_id)
-        await client.publish(topics.replay(self.hid), encode(payload), qos=1)
+        await cancellable(client.publish(topics.replay(self.hid), encode(payload), qos=1))
 
     async def _publish_confirmations(self, client: aiomqtt.Client) -> None:
         due, self._confirm_due = self._confirm_due, set()
@@ -645,7 +638,9 @@ class HistorianService:
                 continue
             payload = historian_confirmed_payload(store_id, tracker.confirmed, self.wall_ms())
             topics = Topics.for_line(self.prefix, line_id)
-            await client.publish(topics.confirmed(self.hid), encode(payload), qos=1, retain=True)
+            await cancellable(
+                client.publish(topics.confirmed(self.hid), encode(payload), qos=1, retain=True)
+            )
             self._confirmed_sent[line_id] = (store_id, tracker.confirmed)
 
 
