@@ -488,6 +488,8 @@ def tally(
             "not_in_spec_outside": sum(not z0 <= m.index <= z1 for m in bad),
         }
     bad_truth = [truth.dose_kgy(m.index) for m in bad]
+    # The metres a data gap touched (the restart's): their doses are bounded estimates.
+    gapped = [m for m in metres if "gap" in m.causes]
     return {
         "planned_metres": planned,
         "recorded": len(metres),
@@ -521,6 +523,20 @@ def tally(
             }
             for m in bad
         ],
+        "gap_metres": {
+            "count": len(gapped),
+            "in_spec": sum(m.verdict is Verdict.IN_SPEC for m in gapped),
+            "min_kgy_lowest": _r(min((m.min_dose_kgy or 0.0 for m in gapped), default=None)),
+            "max_kgy_highest": _r(max((m.max_dose_kgy or 0.0 for m in gapped), default=None)),
+            "true_kgy": (
+                [
+                    _r(min(truth.dose_kgy(m.index) for m in gapped)),
+                    _r(max(truth.dose_kgy(m.index) for m in gapped)),
+                ]
+                if gapped
+                else None
+            ),
+        },
         "max_dose_error_pct_of_target": round(max(errs), 3) if errs else None,
         "burns": len(truth.burns),
         "beam_zone_at_restart": zone,
@@ -620,6 +636,11 @@ def print_result(r: dict[str, Any]) -> None:
     for combo, n in r["by_verdict_and_causes"].items():
         print(f"    {n:5d}  {combo}")
     print(f"    unproven: {r['unproven']}, causes {r['unproven_causes']}")
+    g = r["gap_metres"]
+    print(
+        f"    metres a gap touched: {g['count']}, {g['in_spec']} in spec; recorded bounds "
+        f"{g['min_kgy_lowest']} to {g['max_kgy_highest']} kGy; true {g['true_kgy']} kGy"
+    )
     print(
         f"  false accepts {r['false_accepts']} (goal 0); truly in spec among the not in spec "
         f"{r['truly_in_spec_among_not_in_spec']}; bounds violations {r['bounds_violations']}; "

@@ -27,7 +27,7 @@ from linectl.core.control import LineState
 from linectl.core.ledger import Verdict
 from linectl.mqtt import MqttBridge
 from linectl.service import LineService, ReelRequest, select_recipe
-from linectl.store import RecordStore, ReelInfo
+from linectl.store import RecordStore, ReelInfo, StoredMetre
 from linectl.telemetry import Topics
 from simulators.server import SimulatedLine
 
@@ -444,3 +444,30 @@ async def run_all(scenarios: list[Scenario], workdir: Path, concurrency: int = 4
             return await run_scenario(sc, workdir / sc.name)
 
     return list(await asyncio.gather(*(one(sc) for sc in scenarios)))
+
+
+def check_against_truth(
+    metres: list[StoredMetre], sim: SimulatedLine, cfg: LoadedConfig, length_m: int
+) -> dict[str, int]:
+    """The records' promises against the simulator's ground truth: every metre recorded
+    once; a measured dose within 0.5 % of target, one across a data gap within its
+    bounds; no metre in spec that the truth puts out; no burn. The verdict counts."""
+    recipe, _ = select_recipe(cfg, None)
+    assert [m.index for m in metres] == list(range(length_m)), "metres lost or doubled"
+    counts: dict[str, int] = {}
+    for m in metres:
+        counts[m.verdict.value] = counts.get(m.verdict.value, 0) + 1
+        if m.verdict is Verdict.UNPROVEN:
+            continue
+        true = sim.plant.truth.dose_kgy(m.index)
+        assert m.dose_kgy is not None
+        if "gap" in m.causes:  # an estimate across a data gap: its bounds are the promise
+            assert m.min_dose_kgy is not None
+            assert m.max_dose_kgy is not None
+            assert m.min_dose_kgy <= true <= m.max_dose_kgy, (m.index, true)
+        else:
+            assert abs(m.dose_kgy - true) <= 0.005 * recipe.target_dose_kgy, (m.index, true)
+        if m.verdict is Verdict.IN_SPEC:
+            assert recipe.min_dose_kgy <= true <= recipe.max_dose_kgy, f"false accept {m}"
+    assert sim.plant.truth.burns == [], "beam on a standing cable"
+    return counts

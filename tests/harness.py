@@ -144,6 +144,11 @@ class ClosedLoop:
         self._last: dict[str, SimReading] = {}
         self._last_ledger: DoseLedger | None = None
         self.out = Outputs()
+        # Each PLC as the controller found it at its start (CycleInput.acc_first).
+        self._first: dict[str, SimReading | None] = {
+            "accelerator": self.found("accelerator"),
+            "conveyor": self.found("conveyor"),
+        }
 
     @property
     def ctl(self) -> Controller:
@@ -181,6 +186,8 @@ class ClosedLoop:
                 cnv=self._read("conveyor", cmap, self.cnv_link_up),
                 acc_fresh=self.acc_link_up,
                 cnv_fresh=self.cnv_link_up,
+                acc_first=self._first["accelerator"],
+                cnv_first=self._first["conveyor"],
             )
         )
         self.transitions += report.transitions
@@ -213,10 +220,11 @@ class ClosedLoop:
             code = self.plant.write_holding(plc, f.address, encode(f, value))
             assert code is None, f"{plc} refused {name} = {value}: exception {code}"
 
-    def _watch_burn(self) -> None:
+    def _watch_burn(self, dt_s: float | None = None) -> None:
         beam = self.plant.accelerator.beam_on
         moving = self.plant.conveyor.running and self.plant.conveyor.speed_m_min > 0.01
-        self._standstill_s = self._standstill_s + self.cycle_s if beam and not moving else 0.0
+        dt_s = self.cycle_s if dt_s is None else dt_s
+        self._standstill_s = self._standstill_s + dt_s if beam and not moving else 0.0
         self.max_beam_standstill_s = max(self.max_beam_standstill_s, self._standstill_s)
 
     def last_checkpoint(self) -> dict[str, Any] | None:
@@ -226,9 +234,30 @@ class ClosedLoop:
                 return dict(json.loads(json.dumps(e.checkpoint[LEDGER_STATE])))
         return None
 
-    def restart_controller(self, *, resume: bool = True) -> None:
+    def found(self, plc: PlcName) -> SimReading:
+        """One poll of every field, holding registers included: the PLC as a controller
+        finds it when it connects (modbus.link's first_snapshot)."""
+        self._seq += 1
+        rmap = self.plant.register_map(plc)
+        values = decode_inputs(rmap, self.plant.input_registers(plc))
+        holding = self.plant.holding_registers(plc)
+        for f in rmap.by_table["holding"]:
+            values[f.name] = decode(f, [holding[a] for a in range(f.address, f.end)])
+        clock = values.get("clock")
+        return SimReading(self._seq, self.t_s, values, None if clock is None else int(clock))
+
+    def crash_for(self, seconds: float, step_s: float = 0.01) -> None:
+        """linectl dies (SIGKILL): no cycle, no write, no checkpoint for this long; the
+        PLCs go on alone on what they were last told, until their watchdogs act."""
+        for _ in range(round(seconds / step_s)):
+            self.t_s += step_s
+            self.plant.advance_to(self.t_s)
+            self._watch_burn(step_s)
+
+    def restart_controller(self, *, resume: bool = True, found: bool = True) -> None:
         """linectl restarts (the PLCs do not): a new Line takes up the open reel from the
-        last checkpoint, as the daemon does from its store at start-up."""
+        last checkpoint, as the daemon does from its store at start-up; it finds the PLCs
+        as they are now (found=False: as if their first poll had not been complete)."""
         reel = self.line.ctl.reel
         assert reel is not None, "no reel to take up"
         ckpt = self.last_checkpoint()
@@ -238,6 +267,10 @@ class ClosedLoop:
             line.request_resume("test")
         self.line = line
         self._last_ledger = None
+        self._first = {
+            "accelerator": self.found("accelerator") if found else None,
+            "conveyor": self.found("conveyor") if found else None,
+        }
 
     # ------------------------------------------------------------------ driving
 

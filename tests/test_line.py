@@ -184,3 +184,84 @@ def test_a_resume_that_loses_the_position_never_starts_the_reel_afresh(
     assert [e.cause for e in after if isinstance(e, MarkUnproven)] == ["position lost"]
     assert not [e for e in after if isinstance(e, SaveState) and e.key == "start"]
     assert cl.line.ledger is None
+
+
+REEL_M = 130.0
+
+
+def _crash_mid_reel(cl: ClosedLoop, reel_id: str, *, found: bool = True) -> int:
+    """Run a reel to speed, crash linectl mid-reel for 6 s (the PLCs' watchdogs cut the
+    beam and stop the line), restart it and run the reel to its end. The metres recorded
+    before the restart."""
+    cl.settle()
+    cl.start(reel_id, length_m=REEL_M)
+    assert cl.run_until(lambda: cl.ledger is not None and (cl.ledger.position_m or 0) > 40, 120)
+    assert cl.ctl.state is LineState.RUNNING
+    before = len(cl.records)
+    cl.crash_for(6.0)
+    # The PLCs made the line safe by themselves: beam off by its watchdog, line stopped.
+    assert cl.plant.accelerator.fault_code == 7
+    assert cl.plant.conveyor.fault_code == 5
+    assert cl.plant.conveyor.speed_m_min == 0.0
+    cl.restart_controller(found=found)
+    assert cl.run_until(lambda: cl.finished, 300.0), cl.ctl.why_not_ready()
+    return before
+
+
+def test_a_crash_mid_reel_costs_nothing_where_the_plcs_held_their_set_points(
+    cfg: LoadedConfig, recipe: Recipe
+) -> None:
+    """After a crash the ledger bounds the gap's charge per metre by what the PLCs held
+    (core/held_gap.py): the cable that crossed the beam while linectl was away is shown
+    in spec within its bounds, where the counters alone ("none to all of it") cannot."""
+    # The reference line's geometry: 16 passes 6 m apart, so the 3 m that cross the
+    # beam while linectl is away each miss one pass at most (112.5 of 120 kGy).
+    cl = ClosedLoop(cfg, recipe, seed=6, geometry=cfg.line.geometry)
+    before = _crash_mid_reel(cl, "CR")
+    assert before < 40
+    c = cl.compare()
+    assert c.false_accepts == []
+    assert c.outside_bounds == []
+    assert cl.max_beam_standstill_s == 0.0
+    assert [r.index for r in cl.records] == list(range(int(REEL_M)))
+    gap = [r for r in cl.records if "gap" in r.causes]
+    assert len(gap) >= 3, "the crash's gap touched no metre: the test shows nothing"
+    assert all(r.in_spec for r in gap), [(r.index, r.verdict, r.max_dose_kgy) for r in gap]
+    assert c.verdicts == {"in_spec": int(REEL_M)}, c.verdicts
+    assert not any(isinstance(e, MarkUnproven) for e in cl.effects)
+    assert "gap_bound_refuted" not in cl.ledger_events
+
+
+def test_a_crash_without_the_plcs_first_readings_falls_back_to_the_counters_alone(
+    cfg: LoadedConfig, recipe: Recipe
+) -> None:
+    """The same crash, but the set-points the PLCs held are not known (no first reading):
+    the gap's metres straddle the upper limit and are unproven, none falsely accepted."""
+    cl = ClosedLoop(cfg, recipe, seed=6, geometry=cfg.line.geometry)
+    _crash_mid_reel(cl, "CB", found=False)
+    c = cl.compare()
+    assert c.false_accepts == []
+    assert c.outside_bounds == []
+    unproven = [r for r in cl.records if r.verdict.value == "unproven"]
+    assert unproven
+    assert all("gap" in r.causes for r in unproven)
+
+
+@pytest.mark.parametrize("code", [1, 4])
+def test_a_crash_with_another_conveyor_fault_gets_no_held_gap_bound(
+    cfg: LoadedConfig, recipe: Recipe, code: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A drive fault or an e-stop while linectl was away: the conveyor may have slowed
+    under the beam, so the held-gap bound is not used; nothing is falsely accepted."""
+    cl = ClosedLoop(cfg, recipe, seed=7)
+    cl.settle()
+    cl.start("CF", length_m=80.0)
+    assert cl.run_until(lambda: cl.ledger is not None and (cl.ledger.position_m or 0) > 30, 120)
+    cl.crash_for(0.2)
+    cl.plant.conveyor.fault(code)
+    cl.crash_for(6.0)
+    caplog.set_level("INFO", logger="linectl.line")
+    cl.restart_controller()
+    cl.run_for(10.0)  # a fault other than a watchdog trip waits for an operator reset
+    assert f"conveyor fault code {code}" in caplog.text
+    assert cl.compare().false_accepts == []

@@ -99,7 +99,9 @@ class IntervalEvent:
     """Why an interval was not accounted normally (for logs and alarms)."""
 
     t_s: float
-    kind: str  # "gap", "charge_reset", "length_reset", "position_uncertain", "missing", "resume"
+    kind: str
+    """"gap", "gap_bound_refuted", "charge_reset", "length_reset", "position_uncertain",
+    "missing", "resume"."""
     detail: str
 
 
@@ -253,7 +255,13 @@ class DoseLedger:
             return []  # same cycle twice, or a clock step: nothing to account
         return self._account(sample, dt_s)
 
-    def resume_with(self, sample: LedgerSample, *, elapsed_s: float) -> list[MetreRecord]:
+    def resume_with(
+        self,
+        sample: LedgerSample,
+        *,
+        elapsed_s: float,
+        charge_per_m_uc: float | None = None,
+    ) -> list[MetreRecord]:
         """Continue on a clock that differs from the previous samples' (after `restore()`).
 
         `elapsed_s` is the time from the last sample the ledger has (the checkpoint's) to
@@ -264,6 +272,12 @@ class DoseLedger:
         only makes the interval a gap and widens the plausibility bounds, a shorter one
         could make real motion look like a length-counter reset whose worst case does
         not cover it. From then on `sample.t_s` is the time base.
+
+        `charge_per_m_uc`, when the caller can show it (linectl.core.held_gap), bounds
+        the charge any metre of cable took from one pass during the interval, if it is a
+        gap: each bin's upper bound is then its share at that density instead of the
+        whole charge. A gap whose charge is more than its length can hold at that density
+        refutes the bound, and is bounded as any gap (an event says so).
         Raises ValueError for an elapsed time that is not a positive number or a sample
         that lacks a GOOD length, charge or scan width.
         """
@@ -282,7 +296,7 @@ class DoseLedger:
             )
         )
         self._awaiting_resume = False
-        return self._account(sample, elapsed_s)
+        return self._account(sample, elapsed_s, charge_per_m_uc=charge_per_m_uc)
 
     @staticmethod
     def _missing(sample: LedgerSample) -> list[str]:
@@ -304,7 +318,9 @@ class DoseLedger:
             missing.append("charge uncertainty")
         return missing
 
-    def _account(self, sample: LedgerSample, dt_s: float) -> list[MetreRecord]:
+    def _account(
+        self, sample: LedgerSample, dt_s: float, *, charge_per_m_uc: float | None = None
+    ) -> list[MetreRecord]:
         assert self._pos_m is not None
         assert self._last is not None
         prev = self._last
@@ -369,11 +385,24 @@ class DoseLedger:
                 + prev.charge_uncertainty_uc
                 + sample.charge_uncertainty_uc
             )
-            how = (
-                "no charge: exact"
-                if d_q_uc == 0
-                else f"{d_q_uc:.0f} uC: bounded per bin (none to all of it)"
-            )
+            if charge_per_m_uc is not None and q_hi_uc > charge_per_m_uc * (b_m - a_m) + (
+                self.limits.charge_resolution_uc
+            ):
+                self.events.append(
+                    IntervalEvent(
+                        sample.t_s,
+                        "gap_bound_refuted",
+                        f"{d_q_uc:.0f} uC on {b_m - a_m:.3f} m is more than "
+                        f"{charge_per_m_uc:.0f} uC/m: the held-gap bound is not used",
+                    )
+                )
+                charge_per_m_uc = None
+            if d_q_uc == 0:
+                how = "no charge: exact"
+            elif charge_per_m_uc is None:
+                how = f"{d_q_uc:.0f} uC: bounded per bin (none to all of it)"
+            else:
+                how = f"{d_q_uc:.0f} uC: bounded per bin at {charge_per_m_uc:.0f} uC/m"
             self.events.append(
                 IntervalEvent(
                     sample.t_s,
@@ -389,6 +418,7 @@ class DoseLedger:
                 w_cm=w_cm,
                 w_min_cm=w_min_cm,
                 energy_ok=energy_ok,
+                charge_per_m_uc=charge_per_m_uc,
             )
             self.charge_total_uc += d_q_uc
         else:
@@ -703,13 +733,16 @@ class DoseLedger:
         w_cm: float,
         w_min_cm: float,
         energy_ok: bool,
+        charge_per_m_uc: float | None = None,
     ) -> None:
         """A gap: the counters give its charge (d_q_uc, at most q_hi_uc with the counts a
         reading may hide), not how it was spread over the stretch under each pass.
 
         Lower bound: none of it (dose_len untouched). Upper bound: for every bin of the
         stretch under pass k, all of pass k's charge in that one bin (the worst case),
-        with the narrower of the two scan-width readings. Best estimate: spread evenly,
+        or, with `charge_per_m_uc`, what the bin's length of the stretch can hold at that
+        density (never more than all of it); with the narrower of the two scan-width
+        readings. Best estimate: spread evenly,
         as an ordinary interval. With the cable standing, charge is a standstill as in
         any interval; no charge on a standing cable is nothing (but the hidden counts).
         """
@@ -731,8 +764,14 @@ class DoseLedger:
             est_density = w * dose.dose_length_kgy_m(k_dose, d_q_uc, w_cm) / length_m
             worst = w * dose.dose_length_kgy_m(k_dose, q_hi_uc, w_min_cm)  # all in one bin
             for j in self._bin_range(lo, hi):
-                gu[j] = gu.get(j, 0.0) + worst
                 o = min(hi, (j + 1) * r) - max(lo, j * r)
+                if charge_per_m_uc is None:
+                    gu[j] = gu.get(j, 0.0) + worst
+                else:
+                    q_bin = charge_per_m_uc * max(o, 0.0) + self.limits.charge_resolution_uc
+                    gu[j] = gu.get(j, 0.0) + w * dose.dose_length_kgy_m(
+                        k_dose, min(q_hi_uc, q_bin), w_min_cm
+                    )
                 if d_q_uc > 0 and o > 0:
                     ge[j] = ge.get(j, 0.0) + est_density * o
                 if flag:

@@ -27,7 +27,7 @@ from types import MappingProxyType
 from typing import Any, Protocol, assert_never
 
 from linectl.commands import MAX_SHELVE_S, Command, CommandName, CommandResult
-from linectl.config import ControlTuning, LoadedConfig, Recipe
+from linectl.config import ControlTuning, LoadedConfig, Recipe, RegisterMap
 from linectl.core.align import AccPoint, CnvPoint, CounterAligner, PlcClock
 from linectl.core.control import (
     AccView,
@@ -44,6 +44,7 @@ from linectl.core.control import (
     conveyor_at_standstill,
     watchdog_trips_only,
 )
+from linectl.core.held_gap import Held, LinkTiming, held_gap_bound
 from linectl.core.ledger import DoseLedger, LedgerSample, MetreRecord
 from linectl.core.views import (
     CounterUnits,
@@ -141,6 +142,11 @@ class CycleInput:
     cnv_now_s: float | None = None
     commands: Sequence[tuple[Command, PreparedRecipe | None]] = ()
     """Authorised commands, in arrival order; each gets its answer in the report."""
+    acc_first: PlcReading | None = None
+    """The accelerator as linectl found it: its first complete poll since linectl
+    started, before linectl wrote anything but the heartbeat (holding registers
+    included). A resume after a crash reads the set-points the PLC held from it."""
+    cnv_first: PlcReading | None = None
     store_error: str | None = None
     """A record-store write failed since the last cycle: the records alarm."""
 
@@ -552,6 +558,17 @@ class Line:
         self.recipe_name = recipe_name
         self.exit_when_done = exit_when_done
         self.units = CounterUnits.from_maps(cfg.accelerator_map, cfg.conveyor_map)
+        # The PLC fields live_values reports, in its order: (0 accelerator / 1 conveyor,
+        # map field, live value, scale to the live value's unit); made once, not per cycle.
+        self._live_fields: tuple[tuple[int, str, str, float], ...] = (
+            (0, "beam_current", "beam_current_ma", 1.0),
+            (0, "energy", "energy_mev", 1.0),
+            (0, "scan_width", "scan_width_cm", 1.0),
+            (0, "vacuum", "vacuum_pa", 1.0),
+            (1, "speed", "speed_m_min", 1.0),
+            (1, "tension", "tension_n", 1.0),
+            (1, "length", "length_counter_m", self.units.length_to_m),
+        )
         self._acc_clock = PlcClock(plc_clock_modulus_ms(cfg.accelerator_map))
         self._cnv_clock = PlcClock(plc_clock_modulus_ms(cfg.conveyor_map))
         self.aligner = CounterAligner(self.units.charge_modulus_uc)
@@ -588,6 +605,12 @@ class Line:
         self._last_ckpt_t = -math.inf
         self._last_sample_length_m: float | None = None
         self._latched: frozenset[str] = frozenset()
+        # Since when the line has run at speed on one speed set-point, beam on: what a
+        # checkpoint records so that a crash's gap can be bounded (core/held_gap.py).
+        self._steady_since_s: float | None = None
+        self._held: Held | None = None
+        # Each PLC as linectl found it at start (CycleInput.acc_first), by field name.
+        self._first_values: dict[str, dict[str, float | int | None]] = {}
         self._state_before: LineState | None = None  # after the last cycle's step
         # This cycle's time, and what it produces.
         self._in = CycleInput(0.0, "", 0, None, None)
@@ -699,6 +722,10 @@ class Line:
             # metre's verdict window has left the last pass before the line stops.
             position = self.ledger.position_m - self.ledger.position_uncertainty_m
         out = self.ctl.step(t_s, acc, cnv, position)
+        self._track_steady(t_s, acc, cnv, out)
+        for plc, first in (("accelerator", inp.acc_first), ("conveyor", inp.cnv_first)):
+            if plc not in self._first_values and first is not None and first.ok:
+                self._first_values[plc] = reading_values(first)
         writes = (acc_writes(out, self.cfg.accelerator_map), cnv_writes(out, self.cfg.conveyor_map))
         if self.ctl.state is LineState.STARTING and self._state_before is not LineState.STARTING:
             # A start taken since the last cycle (here, or by a command in between).
@@ -819,27 +846,19 @@ class Line:
         first reading every PLC value is COMM_FAIL with no value."""
         now_ms = self._in.wall_ms
         out: dict[str, LiveValue] = {}
-
-        def plc(r: PlcReading | None, fld: str, name: str, scale: float = 1.0) -> None:
+        readings = (self.last_acc, self.last_cnv)
+        for which, fld, name, scale in self._live_fields:
+            r = readings[which]
             if r is None:
                 out[name] = LiveValue(name, None, Quality.COMM_FAIL, now_ms)
-                return
+                continue
             try:
                 sample = r.get(fld)
             except (LocalError, KeyError):  # a map without this field: nothing to report
-                return
+                continue
             age_ms = round((r.host_time_s - sample.host_time_s) * 1000.0)
             value = None if sample.value is None else float(sample.value) * scale
             out[name] = LiveValue(name, value, sample.quality, now_ms - max(0, age_ms))
-
-        acc, cnv = self.last_acc, self.last_cnv
-        plc(acc, "beam_current", "beam_current_ma")
-        plc(acc, "energy", "energy_mev")
-        plc(acc, "scan_width", "scan_width_cm")
-        plc(acc, "vacuum", "vacuum_pa")
-        plc(cnv, "speed", "speed_m_min")
-        plc(cnv, "tension", "tension_n")
-        plc(cnv, "length", "length_counter_m", self.units.length_to_m)
         position = self.ledger.position_m if self.ledger is not None else None
         out["reel_position_m"] = LiveValue("reel_position_m", position, Quality.GOOD, now_ms)
         o = self.ctl.outputs
@@ -910,6 +929,34 @@ class Line:
                 scan_width_cm=acc_pt.scan_width_cm,
                 speed_m_min=cnv_pt.speed_m_min,
             )
+        )
+
+    def _track_steady(self, t_s: float, acc: AccView, cnv: CnvView, out: Outputs) -> None:
+        steady = (
+            self.ctl.state is LineState.RUNNING
+            and out.run
+            and out.beam_on
+            and acc.ok
+            and acc.beam_on
+            and cnv.ok
+            and cnv.at_speed
+        )
+        if not steady:
+            self._steady_since_s = None
+            self._held = None
+            return
+        held = self._held
+        if (
+            self._steady_since_s is None
+            or held is None
+            or (held.speed_sp_m_min != out.speed_sp_m_min)
+        ):
+            self._steady_since_s = t_s
+        self._held = Held(
+            t_s - self._steady_since_s,
+            out.speed_sp_m_min,
+            out.beam_current_sp_ma,
+            acc.beam_current_ma,
         )
 
     def _on_first_contact(self, acc: AccView, cnv: CnvView) -> None:
@@ -1442,6 +1489,7 @@ class Line:
         now_s = self._link_now("conveyor")
         return {
             "ledger": state,
+            "held": None if self._held is None else self._held.to_json(),
             "wall_ms": self._in.wall_ms,
             "sample_age_s": 0.0 if last_t_s is None else max(0.0, now_s - last_t_s),
             "plc_clocks": {
@@ -1592,8 +1640,36 @@ class Line:
         except ValueError as exc:
             log.error("reel %s: checkpointed ledger not usable: %s", reel_id, exc)
             return "fallback"
+        bound = held_gap_bound(
+            Held.from_json(ckpt.get("held")),
+            float(ckpt.get("sample_age_s", 0.0)),
+            self._first_values.get("accelerator"),
+            self._first_values.get("conveyor"),
+            acc_bits=_bit_names(self.cfg.accelerator_map),
+            cnv_bits=_bit_names(self.cfg.conveyor_map),
+            current_max_ma=self.recipe.beam_current_max_ma,
+            timing=LinkTiming(
+                self.cfg.line.cycle_period_s,
+                self.cfg.line.conveyor.stale_after_s,
+                self.cfg.line.conveyor.timeout_s,
+            ),
+        )
+        if isinstance(bound, str):
+            charge_per_m_uc = None
+            log.info("reel %s: the gap is bounded by the counters alone: %s", reel_id, bound)
+        else:
+            charge_per_m_uc = bound.charge_per_m_uc
+            log.info(
+                "reel %s: the PLCs held their set-points while linectl was away: at most "
+                "%.1f mA at %.1f m/min or faster while the beam was on",
+                reel_id,
+                bound.i_hi_ma,
+                bound.v_low_m_min,
+            )
         try:
-            records = ledger.resume_with(sample, elapsed_s=elapsed_s)
+            records = ledger.resume_with(
+                sample, elapsed_s=elapsed_s, charge_per_m_uc=charge_per_m_uc
+            )
         except ValueError as exc:
             log.info("reel %s: waiting for a complete sample to resume on (%s)", reel_id, exc)
             return "wait"
@@ -1657,6 +1733,11 @@ class Line:
 def reading_values(r: PlcReading) -> dict[str, float | int | None]:
     """Every field of a reading, by name (what the views decode)."""
     return {name: r.value(name) for name in r}
+
+
+def _bit_names(rmap: RegisterMap) -> dict[str, Mapping[str, int]]:
+    """The bit names of the map's `command` and `status` fields."""
+    return {name: rmap.field(name).bits for name in ("command", "status")}
 
 
 def _clock_reading(r: PlcReading | None, fld: str, now_s: float) -> tuple[int, float] | None:
