@@ -607,12 +607,16 @@ class LineService:
         # period: a PLC that answers late is read from its last snapshot, never waited
         # for (its data only ages, and past stale_after_s the PLC is unknown).
         poll_wait_s = 0.5 * period
+        loop = asyncio.get_running_loop()
         while True:
             t0 = self.clock()
             seqs = (self.acc.request_poll(), self.cnv.request_poll())
-            await asyncio.gather(
-                self.acc.wait_poll(seqs[0], poll_wait_s), self.cnv.wait_poll(seqs[1], poll_wait_s)
-            )
+            # Both polls run meanwhile (each link's own task): waiting for one and then
+            # for the other, both until one deadline, ends when gathering both would,
+            # without two tasks made and a gather every cycle.
+            deadline = loop.time() + poll_wait_s
+            await self.acc.wait_poll(seqs[0], poll_wait_s)
+            await self.cnv.wait_poll(seqs[1], max(0.0, deadline - loop.time()))
             self._cycle()
             now = self.clock()
             self.stats.record(now - t0, max(0.0, t0 - next_t))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from linectl.config import LoadedConfig, MqttConfig, load_config
-from linectl.core.control import LineState
+from linectl.core.control import Alarm, LineState
 from linectl.core.ledger import Verdict
 from linectl.mqtt import MqttBridge
 from linectl.service import LineService, ReelRequest, select_recipe
@@ -254,6 +254,10 @@ class Result:
     speed_limit_m_min: float = 0.0
     missed_cycles: int = 0
     alarms: set[str] = field(default_factory=set)
+    alarm_texts: list[str] = field(default_factory=list)  # "kind: message", in order
+    # The oldest data the control cycle was given, per PLC (s): against stale_after_s,
+    # it says how close a ride-through came to a link alarm.
+    max_data_age_s: dict[str, float] = field(default_factory=dict)
     reel_state: str = ""  # as recorded: "closed" once complete
     safe_at_end: bool = False  # beam off and line stopped when the service returned
     error: str = ""
@@ -362,6 +366,11 @@ async def run_scenario(sc: Scenario, workdir: Path, timeout_s: float = 150.0) ->
         svc.on_reel_start.append(lambda _r, counter_m: sim.plant.start_reel(counter_m))
 
         def watch(s: LineService) -> None:
+            for plc, link, snap in (("acc", s.acc, s.last_acc), ("cnv", s.cnv, s.last_cnv)):
+                if snap is not None:
+                    age_s = snap.age_s(link.now())
+                    if math.isfinite(age_s) and age_s > res.max_data_age_s.get(plc, 0.0):
+                        res.max_data_age_s[plc] = age_s
             if s.ctl.state is LineState.RUNNING and s.last_cnv is not None:
                 v = s.last_cnv.value("speed")
                 if v is not None:
@@ -370,7 +379,12 @@ async def run_scenario(sc: Scenario, workdir: Path, timeout_s: float = 150.0) ->
                 res.burns += 1
 
         svc.observers.append(watch)
-        svc.on_alarm.append(lambda a: res.alarms.add(a.kind))
+
+        def alarm(a: Alarm) -> None:
+            res.alarms.add(a.kind)
+            res.alarm_texts.append(f"{a.kind}: {a.message}")
+
+        svc.on_alarm.append(alarm)
         reel = ReelRequest(sc.name, sc.length_m, "e2e")
         svc.request_reel(reel)
         task = asyncio.create_task(svc.run(exit_when_done=True), name=f"service-{sc.name}")

@@ -343,6 +343,36 @@ async def test_dead_plc_does_not_stall_the_other_link(
                 assert not snap.ok
 
 
+async def test_writes_posted_faster_than_answered_never_starve_the_polls(
+    cfg: LoadedConfig, line: SimulatedLine
+) -> None:
+    """A PLC that answers every request 30 ms late while the cycle posts a write every
+    10 ms: each round sends what was queued when it began, then the poll asked for.
+    (It used to write until the queue was empty, which a fast poster never lets happen:
+    the polls waited behind the writes and the data aged past stale_after_s.)"""
+    async with open_link(cfg, "conveyor", line.cnv_port) as link:
+        await poll_until(link, lambda s: s.ok)
+        link.start_io()
+        fcs: list[int] = []
+        link.stats.on_request.append(lambda fc, _latency_s: fcs.append(fc))
+        line.faults.delay("conveyor", 0.03, 0.0, 10.0)
+        t_end = time.monotonic() + 1.5
+        next_poll = 0.0
+        while time.monotonic() < t_end:
+            link.post({"speed_sp": 1.0, "watchdog": 0})
+            if time.monotonic() >= next_poll:  # the cycle asks for a poll every 50 ms
+                link.request_poll()
+                next_poll = time.monotonic() + 0.05
+            await asyncio.sleep(0.01)
+        await link.stop_io()
+    runs = [len(list(g)) for fc, g in itertools.groupby(fcs) if fc == 16]
+    print(f"\n{len(fcs)} requests, writes in a row: {runs}")
+    # Each write replaces the unsent one (one command word): one in flight, one queued.
+    assert runs, "no write sent"
+    assert max(runs) <= 2, f"writes in a row before a poll: {runs}"
+    assert fcs.count(4) >= 5, "polls starved"
+
+
 # --------------------------------------------------------------------------- config only
 
 

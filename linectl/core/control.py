@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal, get_args
 
@@ -256,6 +256,36 @@ class Outputs:
     speed_sp_m_min: float = 0.0
     watchdog: int = 0
 
+    def changed(
+        self,
+        *,
+        hv_on: bool | None = None,
+        beam_on: bool | None = None,
+        acc_fault_reset: bool | None = None,
+        beam_current_sp_ma: float | None = None,
+        energy_sp_mev: float | None = None,
+        scan_width_sp_cm: float | None = None,
+        run: bool | None = None,
+        cnv_fault_reset: bool | None = None,
+        speed_sp_m_min: float | None = None,
+        watchdog: int | None = None,
+    ) -> Outputs:
+        """A copy with the given fields changed (None: unchanged; no field is optional).
+        What dataclasses.replace does, without its per-call look at the fields: a cycle
+        makes several."""
+        return Outputs(
+            self.hv_on if hv_on is None else hv_on,
+            self.beam_on if beam_on is None else beam_on,
+            self.acc_fault_reset if acc_fault_reset is None else acc_fault_reset,
+            self.beam_current_sp_ma if beam_current_sp_ma is None else beam_current_sp_ma,
+            self.energy_sp_mev if energy_sp_mev is None else energy_sp_mev,
+            self.scan_width_sp_cm if scan_width_sp_cm is None else scan_width_sp_cm,
+            self.run if run is None else run,
+            self.cnv_fault_reset if cnv_fault_reset is None else cnv_fault_reset,
+            self.speed_sp_m_min if speed_sp_m_min is None else speed_sp_m_min,
+            self.watchdog if watchdog is None else watchdog,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Transition:
@@ -435,8 +465,7 @@ class Controller:
         dt_s = 0.0 if self._last_t_s is None else max(0.0, t_s - self._last_t_s)
         self._last_t_s = t_s
         self._cycle += 1
-        out = replace(
-            self._out,
+        out = self._out.changed(
             acc_fault_reset=False,
             cnv_fault_reset=False,
             watchdog=self._cycle % _WATCHDOG_MOD,
@@ -484,7 +513,7 @@ class Controller:
         # point, v_low, sits a tolerance above it).
         # Written as `not >=` so that a speed of NaN also takes the beam off.
         if out.beam_on and (not cnv.running or not cnv.speed_m_min >= self.v_min):
-            out = replace(out, beam_on=False)
+            out = out.changed(beam_on=False)
         self._out = out
         return out
 
@@ -501,7 +530,7 @@ class Controller:
             # PLC that still answers; the conveyor's own watchdog stops the line.
             if self._cnv_seen:
                 self._alarm(t_s, "conveyor_link", "conveyor data lost or stale: beam off")
-            out = replace(out, beam_on=False, beam_current_sp_ma=0.0)
+            out = out.changed(beam_on=False, beam_current_sp_ma=0.0)
         if not acc.ok:
             # The accelerator is unknown: its beam may still be on and we cannot switch
             # it off. Stopping the line now could burn the cable, so hold the speed until
@@ -511,9 +540,9 @@ class Controller:
             if self._acc_lost_t_s is None:
                 self._acc_lost_t_s = t_s
             held = t_s - self._acc_lost_t_s < self.tuning.acc_lost_hold_s
-            out = replace(out, beam_on=False, beam_current_sp_ma=0.0)
+            out = out.changed(beam_on=False, beam_current_sp_ma=0.0)
             if not held:
-                out = replace(out, run=False, speed_sp_m_min=0.0)
+                out = out.changed(run=False, speed_sp_m_min=0.0)
         if self.state is not LineState.OFFLINE:
             self._to(t_s, LineState.OFFLINE, "PLC data lost or stale")
         return out
@@ -579,8 +608,7 @@ class Controller:
 
     def _safe(self, out: Outputs) -> Outputs:
         """Beam off, line to a stop (normal ramp), HV kept only while nothing is wrong."""
-        return replace(
-            out,
+        return out.changed(
             beam_on=False,
             beam_current_sp_ma=0.0,
             hv_on=out.hv_on and self.state is not LineState.FAULT,
@@ -590,7 +618,7 @@ class Controller:
 
     def _reset(self, t_s: float, acc: AccView, cnv: CnvView, out: Outputs) -> Outputs:
         self._reset_pending = False
-        out = replace(out, acc_fault_reset=acc.fault, cnv_fault_reset=cnv.fault)
+        out = out.changed(acc_fault_reset=acc.fault, cnv_fault_reset=cnv.fault)
         # Alarms whose cause is still present come back on the next cycle's interlocks.
         self.alarms.clear()
         if self.state is LineState.FAULT:
@@ -654,7 +682,7 @@ class Controller:
         # while the line ramps.
         slope = 0.0 if dt_s <= 0 else (out.speed_sp_m_min - self._out.speed_sp_m_min) / dt_s
         v_ff = max(0.0, cnv.speed_m_min + slope * self.tuning.current_lag_s)
-        return replace(out, beam_current_sp_ma=self.current_for(v_ff, acc.scan_width_cm))
+        return out.changed(beam_current_sp_ma=self.current_for(v_ff, acc.scan_width_cm))
 
     def _starting(
         self, t_s: float, dt_s: float, acc: AccView, cnv: CnvView, out: Outputs
@@ -663,22 +691,22 @@ class Controller:
             self._alarm(t_s, "start_timeout", f"start phase {self._phase.value} did not complete")
             self._to(t_s, LineState.FAULT, f"start timed out in phase {self._phase.value}")
             return self._safe(out)
-        out = replace(out, hv_on=True)
+        out = out.changed(hv_on=True)
         match self._phase:
             case StartPhase.HV:
-                out = replace(out, beam_on=False, run=False, speed_sp_m_min=0.0)
+                out = out.changed(beam_on=False, run=False, speed_sp_m_min=0.0)
                 energy_ok = self.recipe.energy_ok(acc.energy_mev)
                 if acc.hv_on and acc.ready and energy_ok and acc.scan_ok:
                     self._phase, self._phase_t_s = StartPhase.LINE, t_s
             case StartPhase.LINE:
                 sp = self._ramp_speed(dt_s, self._out.speed_sp_m_min, self.v_low)
-                out = replace(out, run=True, speed_sp_m_min=sp, beam_on=False)
+                out = out.changed(run=True, speed_sp_m_min=sp, beam_on=False)
                 if cnv.running and cnv.speed_m_min >= self.v_min:
                     self._phase, self._phase_t_s = StartPhase.BEAM, t_s
             case StartPhase.BEAM:
                 # Keep ramping: a jump of the set-point would also jump the current's lead.
                 sp = self._ramp_speed(dt_s, self._out.speed_sp_m_min, self.v_low)
-                out = replace(out, run=True, speed_sp_m_min=sp, beam_on=True)
+                out = out.changed(run=True, speed_sp_m_min=sp, beam_on=True)
                 out = self._follow_current(out, acc, cnv, dt_s)
                 target = out.beam_current_sp_ma
                 if acc.beam_on and abs(acc.beam_current_ma - target) <= max(0.03 * target, 0.2):
@@ -698,7 +726,7 @@ class Controller:
         position_m: float | None,
     ) -> Outputs:
         assert self.reel is not None
-        out = replace(out, hv_on=True, run=True, beam_on=True)
+        out = out.changed(hv_on=True, run=True, beam_on=True)
         # Planned end: the last product metre has left the last pass.
         if (
             position_m is not None
@@ -725,7 +753,7 @@ class Controller:
         else:
             self._trip_t_s = None
         sp = self._ramp_speed(dt_s, self._out.speed_sp_m_min or cnv.speed_m_min, target)
-        out = replace(out, speed_sp_m_min=sp)
+        out = out.changed(speed_sp_m_min=sp)
         return self._follow_current(out, acc, cnv, dt_s)
 
     def _stopping(
@@ -735,13 +763,13 @@ class Controller:
         sp = self._ramp_speed(dt_s, self._out.speed_sp_m_min, self.v_min)
         beam_wanted = self._out.beam_on and cnv.speed_m_min > self.v_min * (1 + tol)
         if beam_wanted and acc.fault_code != 1:
-            out = replace(out, hv_on=True, run=True, beam_on=True, speed_sp_m_min=sp)
+            out = out.changed(hv_on=True, run=True, beam_on=True, speed_sp_m_min=sp)
             return self._follow_current(out, acc, cnv, dt_s)
         # At minimum speed (or the beam is gone): beam off first, then the line.
-        out = replace(out, beam_on=False, beam_current_sp_ma=0.0, hv_on=True)
+        out = out.changed(beam_on=False, beam_current_sp_ma=0.0, hv_on=True)
         if beam_measured_on(acc):
-            return replace(out, run=True, speed_sp_m_min=max(sp, self.v_min))
-        out = replace(out, run=False, speed_sp_m_min=0.0)
+            return out.changed(run=True, speed_sp_m_min=max(sp, self.v_min))
+        out = out.changed(run=False, speed_sp_m_min=0.0)
         if conveyor_at_standstill(cnv):
             self._to(t_s, LineState.IDLE, f"stopped: {self._stop_cause}")
         return out

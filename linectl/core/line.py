@@ -558,6 +558,17 @@ class Line:
         self.recipe_name = recipe_name
         self.exit_when_done = exit_when_done
         self.units = CounterUnits.from_maps(cfg.accelerator_map, cfg.conveyor_map)
+        # The PLC fields live_values reports, in its order: (0 accelerator / 1 conveyor,
+        # map field, live value, scale to the live value's unit); made once, not per cycle.
+        self._live_fields: tuple[tuple[int, str, str, float], ...] = (
+            (0, "beam_current", "beam_current_ma", 1.0),
+            (0, "energy", "energy_mev", 1.0),
+            (0, "scan_width", "scan_width_cm", 1.0),
+            (0, "vacuum", "vacuum_pa", 1.0),
+            (1, "speed", "speed_m_min", 1.0),
+            (1, "tension", "tension_n", 1.0),
+            (1, "length", "length_counter_m", self.units.length_to_m),
+        )
         self._acc_clock = PlcClock(plc_clock_modulus_ms(cfg.accelerator_map))
         self._cnv_clock = PlcClock(plc_clock_modulus_ms(cfg.conveyor_map))
         self.aligner = CounterAligner(self.units.charge_modulus_uc)
@@ -835,27 +846,19 @@ class Line:
         first reading every PLC value is COMM_FAIL with no value."""
         now_ms = self._in.wall_ms
         out: dict[str, LiveValue] = {}
-
-        def plc(r: PlcReading | None, fld: str, name: str, scale: float = 1.0) -> None:
+        readings = (self.last_acc, self.last_cnv)
+        for which, fld, name, scale in self._live_fields:
+            r = readings[which]
             if r is None:
                 out[name] = LiveValue(name, None, Quality.COMM_FAIL, now_ms)
-                return
+                continue
             try:
                 sample = r.get(fld)
             except (LocalError, KeyError):  # a map without this field: nothing to report
-                return
+                continue
             age_ms = round((r.host_time_s - sample.host_time_s) * 1000.0)
             value = None if sample.value is None else float(sample.value) * scale
             out[name] = LiveValue(name, value, sample.quality, now_ms - max(0, age_ms))
-
-        acc, cnv = self.last_acc, self.last_cnv
-        plc(acc, "beam_current", "beam_current_ma")
-        plc(acc, "energy", "energy_mev")
-        plc(acc, "scan_width", "scan_width_cm")
-        plc(acc, "vacuum", "vacuum_pa")
-        plc(cnv, "speed", "speed_m_min")
-        plc(cnv, "tension", "tension_n")
-        plc(cnv, "length", "length_counter_m", self.units.length_to_m)
         position = self.ledger.position_m if self.ledger is not None else None
         out["reel_position_m"] = LiveValue("reel_position_m", position, Quality.GOOD, now_ms)
         o = self.ctl.outputs

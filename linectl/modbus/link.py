@@ -35,7 +35,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.pdu import ModbusPDU
 
 from linectl.aio import cancellable
-from linectl.codec import decode
+from linectl.codec import BlockDecoder, CodecError, decode
 from linectl.config import PlcEndpoint, PlcName, RegisterField, RegisterMap
 from linectl.errors import (
     LocalError,
@@ -49,9 +49,11 @@ from linectl.modbus.plan import (
     FC_READ_HOLDING,
     FC_WRITE_SINGLE,
     Block,
+    WritePlan,
     WriteRun,
     plan_reads,
     plan_writes,
+    write_plan,
 )
 from linectl.quality import Quality, Sample
 
@@ -71,6 +73,8 @@ QUEUE_MAX: Final = 8
 """Posted writes kept at most while a PLC is slow (each a command-word change)."""
 SETTINGS_RETRY_S: Final = 5.0
 """How often the settings a PLC refused at connect are written again."""
+WRITE_PLANS_MAX: Final = 32
+"""Write plans a link keeps (one per set of field names it writes: a handful)."""
 
 EXCEPTION_NAMES: Final[dict[int, str]] = {
     1: "illegal function",
@@ -95,7 +99,15 @@ class BlockRead:
     COMM_FAIL: no usable registers (`registers` is None).
     """
 
-    __slots__ = ("block", "host_time_s", "plc_clock_ms", "quality", "registers")
+    __slots__ = (
+        "_decoder",
+        "_values",
+        "block",
+        "host_time_s",
+        "plc_clock_ms",
+        "quality",
+        "registers",
+    )
 
     def __init__(
         self,
@@ -104,22 +116,42 @@ class BlockRead:
         quality: Quality,
         plc_clock_ms: int | None,
         host_time_s: float,
+        *,
+        decoder: BlockDecoder | None = None,
+        values: dict[str, float | int] | None = None,
     ) -> None:
         self.block = block
         self.registers = registers
         self.quality = quality
         self.plc_clock_ms = plc_clock_ms
         self.host_time_s = host_time_s
+        self._decoder = decoder
+        self._values = values  # the registers decoded, once asked for
+
+    def decoded(self) -> dict[str, float | int]:
+        """Every field of the block by name, decoded on the first call (the control cycle
+        reads them all, every cycle: one pass over the block, not one per field).
+        Read-only by contract; CodecError if the block has no registers."""
+        values = self._values
+        if values is None:
+            if self.registers is None:
+                raise CodecError(f"{self.block.table} block at {self.block.address}: no data")
+            decoder = self._decoder
+            if decoder is None:
+                decoder = BlockDecoder(self.block.fields, self.block.address, self.block.count)
+            values = self._values = decoder(self.registers)
+        return values
 
 
 class Snapshot:
     """One poll's result: a `Sample` per field of the map.
 
-    Fields are decoded when first asked for (a cycle rarely needs all of them), so a
-    poll costs its requests and little else. Read-only by contract.
+    Nothing is decoded until a value is asked for, so a poll costs its requests and
+    little else; then a block is decoded whole, in one pass (`BlockRead.decoded`): the
+    control cycle reads every field of every block, every cycle. Read-only by contract.
     """
 
-    __slots__ = ("_cache", "_index", "connected", "host_time_s", "plc", "reads", "seq")
+    __slots__ = ("_cache", "_index", "_values", "connected", "host_time_s", "plc", "reads", "seq")
 
     def __init__(
         self,
@@ -142,6 +174,7 @@ class Snapshot:
         """Per planned block, in plan order."""
         self._index = index
         self._cache: dict[str, Sample] = {}
+        self._values: dict[str, float | int | None] | None = None  # every field's, once asked
 
     @property
     def ok(self) -> bool:
@@ -170,15 +203,30 @@ class Snapshot:
         if r.registers is None:
             sample = Sample(None, Quality.COMM_FAIL, None, r.host_time_s)
         else:
-            lo = f.address - r.block.address
-            value = decode(f, r.registers[lo : lo + f.width])
-            sample = Sample(value, r.quality, r.plc_clock_ms, r.host_time_s)
+            sample = Sample(r.decoded()[f.name], r.quality, r.plc_clock_ms, r.host_time_s)
         self._cache[name] = sample
         return sample
 
     def value(self, name: str) -> float | int | None:
         """The named field's value (None when COMM_FAIL)."""
-        return self.get(name).value
+        # As get(name).value, without a Sample: the cycle asks for every field's value
+        # (linectl.core.line.reading_values), so they are gathered into one dict once.
+        values = self._values
+        if values is None:
+            values = self._values = self._all_values()
+        try:
+            return values[name]
+        except KeyError:
+            raise LocalError(f"{self.plc}: no field {name!r} in the register map") from None
+
+    def _all_values(self) -> dict[str, float | int | None]:
+        values: dict[str, float | int | None] = {}
+        for r in self.reads:
+            if r.registers is None:
+                values.update(dict.fromkeys((f.name for f in r.block.fields), None))
+            else:
+                values.update(r.decoded())
+        return values
 
     def quality(self, name: str) -> Quality:
         """The named field's quality."""
@@ -245,6 +293,8 @@ class LinkStats:
         if hist is None:
             hist = self.latencies_s[fc] = deque(maxlen=LATENCY_HISTORY)
         hist.append(latency_s)
+        if not self.on_request:
+            return  # (no copy of an empty list for every request)
         for hook in list(self.on_request):
             try:
                 hook(fc, latency_s)
@@ -305,6 +355,11 @@ class PlcLink:
             f.name: (i, f) for i, b in enumerate(self.blocks) for f in b.fields
         }
         self._clock_at = self._index.get(CLOCK_FIELD)
+        # Per block, its decoder; built once, as the blocks are.
+        self._decoders = tuple(BlockDecoder(b.fields, b.address, b.count) for b in self.blocks)
+        # Field names (in the order given) -> how they are written: the control cycle
+        # writes the same fields every cycle.
+        self._write_plans: dict[tuple[str, ...], WritePlan] = {}
         self._last_good: list[BlockRead | None] = [None] * len(self.blocks)
         self._up: bool | None = None  # None until the first connect attempt ends
         self._down_since: float | None = None
@@ -629,15 +684,26 @@ class PlcLink:
             now = self._clock()
             connected = self.connected
         plc_clock: int | None = None
+        clock_block = -1  # the block the clock was decoded from, with its values
+        clock_values: dict[str, float | int] | None = None
         if self._clock_at is not None and (g := got[self._clock_at[0]]) is not None:
-            f = self._clock_at[1]
-            lo = f.address - self.blocks[self._clock_at[0]].address
-            plc_clock = int(decode(f, g[0][lo : lo + f.width]))
+            # Its block is decoded whole: the cycle reads the rest of it anyway.
+            clock_block = self._clock_at[0]
+            clock_values = self._decoders[clock_block](g[0])
+            plc_clock = int(clock_values[CLOCK_FIELD])
         reads = []
         for i, block in enumerate(self.blocks):
             g = got[i]
             if g is not None:
-                r = BlockRead(block, g[0], Quality.GOOD, plc_clock, g[1])
+                r = BlockRead(
+                    block,
+                    g[0],
+                    Quality.GOOD,
+                    plc_clock,
+                    g[1],
+                    decoder=self._decoders[i],
+                    values=clock_values if i == clock_block else None,
+                )
                 self._last_good[i] = r
             else:
                 r = self._degraded(i, now)
@@ -648,7 +714,13 @@ class PlcLink:
         last = self._last_good[i]
         if last is not None and now - last.host_time_s < self.endpoint.stale_after_s:
             return BlockRead(
-                last.block, last.registers, Quality.STALE, last.plc_clock_ms, last.host_time_s
+                last.block,
+                last.registers,
+                Quality.STALE,
+                last.plc_clock_ms,
+                last.host_time_s,
+                decoder=self._decoders[i],
+                values=last._values,  # the same registers: decoded once
             )
         return BlockRead(self.blocks[i], None, Quality.COMM_FAIL, None, now)
 
@@ -664,12 +736,23 @@ class PlcLink:
         Runs are written in address order; on a failure the earlier runs stay written.
         """
         self._check_running()
-        runs = plan_writes(self.register_map, values)  # LocalError before any I/O
+        runs = self._write_plan(values).runs(values)  # LocalError before any I/O
         self._require_connected(values)
         async with self._io_lock:
             for run in runs:
                 self._require_connected(values)
                 await self._write_run(run, values, verify)
+
+    def _write_plan(self, values: Mapping[str, float]) -> WritePlan:
+        """plan_writes' plan for these names, made once per set of names."""
+        key = tuple(values)
+        plan = self._write_plans.get(key)
+        if plan is None:
+            plan = write_plan(self.register_map, key)  # LocalError names a bad field
+            if len(self._write_plans) >= WRITE_PLANS_MAX:
+                self._write_plans.clear()
+            self._write_plans[key] = plan
+        return plan
 
     def _require_connected(self, values: Mapping[str, float]) -> None:
         if not self.connected:
@@ -678,7 +761,6 @@ class PlcLink:
 
     async def _write_run(self, run: WriteRun, values: Mapping[str, float], verify: bool) -> None:
         unit = self.endpoint.unit_id
-        what = ", ".join(f"{f.name}={values[f.name]!r}" for f in run.fields)
         fc = run.function_code
         if any(f is not self._hb_field for f in run.fields):
             self._wrote = True  # before the request: one that times out may have landed
@@ -697,6 +779,8 @@ class PlcLink:
                 return
             back = await self._read(FC_READ_HOLDING, run.address, len(run.registers))
         except _RequestError as exc:
+            # Formatted here only: every cycle writes, and it is needed for an error.
+            what = ", ".join(f"{f.name}={values[f.name]!r}" for f in run.fields)
             raise self._public_error(exc, f"write {what}") from None
         for f in run.fields:
             lo = f.address - run.address
@@ -780,6 +864,8 @@ class PlcLink:
     async def wait_poll(self, seq: int, timeout_s: float) -> bool:
         """Wait at most timeout_s for poll `seq` to finish; whether it did. A link with
         no connection finishes its polls at once (with data that only ages)."""
+        if self._poll_done >= seq:
+            return True  # no timer to arm and cancel for a poll that is done
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 while self._poll_done < seq:
@@ -844,7 +930,14 @@ class PlcLink:
             await self._configure()
             if not self.configured:
                 return
-        while self._queue and self.connected:
+        # Only the writes queued now: one posted while these are in flight waits for the
+        # poll. Against a PLC that answers slower than the cycle posts, writing until the
+        # queue is empty starved the polls (four writes in a row at 30-40 ms each), and
+        # the data aged past stale_after_s; a round is now at most the queue (merged to
+        # one write per command word) and one poll.
+        for _ in range(len(self._queue)):
+            if not self._queue or not self.connected:
+                break
             w = self._queue.popleft()
             await self.write_many(w, verify=False)
         if self._poll_done < self._poll_seq:

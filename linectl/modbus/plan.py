@@ -8,7 +8,7 @@ some PLCs answer a read that touches an unmapped register with exception 2.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -128,6 +128,45 @@ def encode_value(field: RegisterField, value: float) -> list[int]:
         raise LocalError(str(exc)) from exc
 
 
+@dataclass(frozen=True, slots=True)
+class WritePlan:
+    """How one set of holding fields is written: the fields of each request, in address
+    order. It depends on the names only, so a caller that writes the same fields every
+    cycle plans them once (`write_plan`) and only encodes the values (`runs`)."""
+
+    groups: tuple[tuple[RegisterField, ...], ...]
+
+    def runs(self, values: Mapping[str, float]) -> tuple[WriteRun, ...]:
+        """The requests for these values (the plan's fields, by name); every value is
+        encoded before any run is made, so a bad one fails the whole call."""
+        encoded = {f.name: encode_value(f, values[f.name]) for g in self.groups for f in g}
+        return tuple(_run(g, encoded) for g in self.groups)
+
+
+def write_plan(
+    register_map: RegisterMap,
+    names: Iterable[str],
+    max_registers: int = MAX_WRITE_REGISTERS,
+) -> WritePlan:
+    """The requests that write these fields: adjacent fields share one (FC16).
+
+    Every name is checked (known, writable) first: LocalError names a bad one.
+    """
+    fields = sorted((writable_field(register_map, n) for n in names), key=lambda f: f.address)
+    groups: list[tuple[RegisterField, ...]] = []
+    group: list[RegisterField] = []
+    for f in fields:
+        if group and f.address == group[-1].end and f.end - group[0].address <= max_registers:
+            group.append(f)
+            continue
+        if group:
+            groups.append(tuple(group))
+        group = [f]
+    if group:
+        groups.append(tuple(group))
+    return WritePlan(tuple(groups))
+
+
 def plan_writes(
     register_map: RegisterMap,
     values: Mapping[str, float],
@@ -138,22 +177,9 @@ def plan_writes(
     Every name is checked (known, writable, encodable) before anything is planned, so a
     bad entry fails the whole call before any I/O.
     """
-    fields = sorted((writable_field(register_map, n) for n in values), key=lambda f: f.address)
-    encoded = {f.name: encode_value(f, values[f.name]) for f in fields}
-    runs: list[WriteRun] = []
-    group: list[RegisterField] = []
-    for f in fields:
-        if group and f.address == group[-1].end and f.end - group[0].address <= max_registers:
-            group.append(f)
-            continue
-        if group:
-            runs.append(_run(group, encoded))
-        group = [f]
-    if group:
-        runs.append(_run(group, encoded))
-    return tuple(runs)
+    return write_plan(register_map, values, max_registers).runs(values)
 
 
-def _run(fields: list[RegisterField], encoded: Mapping[str, list[int]]) -> WriteRun:
+def _run(fields: Sequence[RegisterField], encoded: Mapping[str, list[int]]) -> WriteRun:
     regs = tuple(r for f in fields for r in encoded[f.name])
     return WriteRun(fields[0].address, regs, tuple(fields))
