@@ -11,7 +11,10 @@ recipe) `--repeat` times and prints, per scenario and pooled over all of them:
   - e-stop to beam-off write reaching the accelerator PLC (goal: within two cycles
     plus 10 ms),
   - steady line speed next to the physical limit K * sum(w) * I_max / (W * D_target)
-    (goal: >= 99 %).
+    (goal: >= 99 %),
+  - "age s": the oldest data the control cycle was given by either PLC, against its
+    stale_after_s (0.25 s): how close a scenario the line rides through came to a link
+    alarm (slow_plcs).
 
     .venv/bin/python bench/dose_accuracy.py [--repeat 3] [--concurrency 4] [--json FILE]
     .venv/bin/python bench/dose_accuracy.py --only clean,estop
@@ -61,6 +64,11 @@ def summarise(results: list[sc.Result]) -> dict[str, Any]:
         "estop_to_beam_off_s": max(estops) if estops else None,
         "speed_of_limit": min(speeds) if speeds else None,
         "missed_cycles": sum(r.missed_cycles for r in results),
+        # The oldest data the control cycle was given, either PLC (s; against
+        # stale_after_s): how close a ride-through came to a link alarm.
+        "max_data_age_s": max(
+            (a for r in results for a in r.max_data_age_s.values()), default=math.nan
+        ),
         "errors": [r.error for r in results if r.error],
     }
 
@@ -104,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     pooled = summarise([r for rs in by_name.values() for r in rs])
     head = (
         f"{'scenario':21} {'runs':>4} {'metres':>6} {'unprv':>5} {'rms %':>7} {'p99 %':>7} "
-        f"{'max %':>7} {'FA':>3} {'FR':>3} {'burn':>4} {'v/limit':>7} {'e-stop s':>8} {'missed':>6}"
+        f"{'max %':>7} {'FA':>3} {'FR':>3} {'burn':>4} {'v/limit':>7} {'e-stop s':>8} "
+        f"{'missed':>6} {'age s':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{f['rms_pct']:>7.4f} {f['p99_pct']:>7.4f} {f['max_pct']:>7.4f} "
             f"{f['false_accepts']:>3} {f['false_rejects']:>3} {f['burns']:>4} "
             f"{'-' if spd is None else f'{spd:.4f}':>7} {'-' if est is None else f'{est:.3f}':>8} "
-            f"{f['missed_cycles']:>6}"
+            f"{f['missed_cycles']:>6} {f['max_data_age_s']:>6.3f}"
         )
         for err in f["errors"] if name != "ALL" else []:
             print(f"    error: {err}")

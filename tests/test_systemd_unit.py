@@ -9,7 +9,8 @@ Environment= and EnvironmentFile=, in its WorkingDirectory= and with its UMask=;
 RestartSec=, KillSignal= and TimeoutStopSec= decide what the test does when the daemon
 dies or is stopped. What the proxy does not emulate: User=/Group= (the test runs as
 whoever runs it), the sandboxing settings and the start limit (tests/test_deploy.py checks
-those statically, and `systemd-analyze verify` checks the whole unit, below).
+those statically, `systemd-analyze verify` checks the whole unit, below, and
+tests/test_systemd_real.py runs it under a real systemd in a container).
 
 The line is the compact simulated line of the end-to-end tests (tests/e2e_scenarios.py),
 served in-process, so every recorded metre is checked against the simulator's ground
