@@ -89,6 +89,11 @@ REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "systemd" / "linectl.service"
 UNIT_NAME = "linectl.service"
 PREFIX = Path("/opt/linectl")  # the unit's install prefix (/opt/linectl/venv/bin/linectl)
+# Where this checkout is bound in the container: wherever it is on the host (CI checks out
+# under /tmp, which nspawn covers with a tmpfs and the unit hides), the driver and, when
+# the venv's linectl is an editable install of a checkout the unit hides, the service
+# import linectl from here (PYTHONPATH).
+SRC_IN = Path("/opt/linectl-src")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIP = 0, 1, 2, 77
 
@@ -122,6 +127,7 @@ DRIVER_ENV = {
     "PYTHONUNBUFFERED": "1",
     "SYSTEMD_PAGER": "",
     "SYSTEMD_COLORS": "0",
+    "PYTHONPATH": str(SRC_IN),  # linectl, simulators: this checkout, bound at SRC_IN
 }
 
 
@@ -193,11 +199,10 @@ def prerequisites(args: argparse.Namespace) -> tuple[Path, Path, str]:
         raise Skip(f"no linectl in {venv} (give the venv with linectl installed: --venv DIR)")
     xy = venv_python_version(venv)
     site_packages(venv, xy)
-    # The driver reads this checkout inside the container: nspawn mounts a tmpfs on /tmp
-    # over any bind there. The service imports linectl from wherever the venv has it: the
-    # unit hides /root, /home, /run/user (ProtectHome=) and /tmp, /var/tmp (PrivateTmp=).
-    if REPO.is_relative_to("/tmp"):
-        raise Skip(f"this checkout is under /tmp ({REPO}), which the container cannot see")
+    # The driver reads this checkout at SRC_IN inside the container (bound there: nspawn
+    # mounts a tmpfs on /tmp over any bind under it). The service imports linectl from
+    # wherever the venv has it: the unit hides /root, /home, /run/user (ProtectHome=) and
+    # /tmp, /var/tmp (PrivateTmp=).
     where = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import linectl; print(linectl.__file__)"],
         capture_output=True,
@@ -210,10 +215,18 @@ def prerequisites(args: argparse.Namespace) -> tuple[Path, Path, str]:
     source = Path(where.stdout.strip()).resolve().parent
     for hidden in HIDDEN:
         if source.is_relative_to(hidden) and not source.is_relative_to(venv / "lib"):
-            raise Skip(
-                f"the venv's linectl is {source}, under {hidden}, which the unit hides from "
-                "the service: install it (or check it out) elsewhere"
-            )
+            if source != REPO / "linectl":
+                raise Skip(
+                    f"the venv's linectl is {source}, under {hidden}, which the unit hides "
+                    "from the service: install it (or check it out) elsewhere"
+                )
+            # An editable install of this very checkout (CI's, under /tmp): the service
+            # takes linectl from the checkout as bound at SRC_IN (the env file's
+            # PYTHONPATH, written by the driver), the unit itself unchanged.
+            args.service_pythonpath = str(SRC_IN)
+            say(f"rehearse: the venv's linectl is this checkout under {hidden}: the service")
+            say(f"rehearse: imports it from {SRC_IN} (PYTHONPATH in /etc/linectl/linectl.env)")
+            break
     python = args.python or Path(f"/usr/bin/python{xy}")
     if not python.is_file():
         raise Skip(
@@ -409,7 +422,7 @@ def outer(args: argparse.Namespace) -> int:
             "--console=read-only",
             f"--bind-ro={prefix}:{PREFIX}",
             f"--bind-ro={sp}:{PREFIX}/venv/lib/python{xy}/site-packages",
-            f"--bind-ro={REPO}",
+            f"--bind-ro={REPO}:{SRC_IN}",
             "--boot",
             "--",
             f"systemd.unit={BOOT_TARGET}",
@@ -463,8 +476,9 @@ def outer(args: argparse.Namespace) -> int:
             "env",
             "-i",
             *(f"{k}={v}" for k, v in DRIVER_ENV.items()),
+            f"LINECTL_REHEARSAL_SERVICE_PYTHONPATH={args.service_pythonpath}",
             f"{PREFIX}/venv/bin/python3",
-            str(REPO / "deploy" / "systemd" / "rehearse.py"),
+            str(SRC_IN / "deploy" / "systemd" / "rehearse.py"),
             "--inside",
             token,
         ]
@@ -523,6 +537,9 @@ ETC = Path("/etc/linectl")
 STATE = Path("/var/lib/linectl")
 DB = STATE / "records" / "linectl.sqlite"
 WORK = Path("/run/linectl-rehearsal")
+# PYTHONPATH for the service when the venv's linectl is a checkout the unit hides (set by
+# the host side: prerequisites()); empty otherwise.
+SERVICE_PYTHONPATH = os.environ.get("LINECTL_REHEARSAL_SERVICE_PYTHONPATH", "")
 REEL = "UNIT-1"
 LENGTH_M = 14
 POLL_S = 0.05
@@ -747,6 +764,7 @@ class Inside:
             f"LINECTL_ACCELERATOR__PORT={acc}\n"
             f"LINECTL_CONVEYOR__PORT={self.ports['cnv']}\n"
             f"LINECTL_METRICS__PORT={self.ports['metrics']}\n"
+            + (f"PYTHONPATH={SERVICE_PYTHONPATH}\n" if SERVICE_PYTHONPATH else "")
         )
 
     # ------------------------------------------------------------------ helpers
@@ -1170,6 +1188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="limit for the driver, s")
     p.add_argument("--inside", metavar="TOKEN", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.service_pythonpath = ""  # prerequisites() sets it when the service needs one
     if args.inside:
         return inside(args.inside)
 
