@@ -67,8 +67,14 @@ def test_growth_figures_see_a_leak_and_ignore_a_flat_line(soak: ModuleType) -> N
     assert g["rss_mb"]["first_max"] < 55
     assert g["rss_mb"]["slope_per_h"] == pytest.approx(100 * 3600 / 1024, rel=0.01)
     met = {row["name"]: row["met"] for row in soak.goals({"growth": g})}
-    assert not met["tasks max growth (2nd vs 1st half)"]
-    assert met["fds max growth (2nd vs 1st half)"]
+    assert not met["tasks p90 growth (2nd vs 1st half)"]
+    assert met["fds p90 growth (2nd vs 1st half)"]
+    # A sample that catches a burst (publishes in flight) is no leak: flat tasks with one
+    # spike of 12 in the second half (as seen in CI: max 37 against 25, medians 23).
+    burst = [dict(x, tasks=23 + (12 if x["t_s"] == 50.0 else 0)) for x in samples]
+    b = soak.growth(burst, warmup_s=10.0)["tasks"]
+    assert b["second_max"] - b["first_max"] == 12
+    assert b["growth"] == 0
 
 
 def test_a_new_store_opened_by_several_connections_at_once(tmp_path: Path) -> None:
@@ -141,9 +147,9 @@ def test_short_soak(
     # No growth between the two halves after the warm-up. Each sample is a snapshot at a
     # random moment: a record batch in flight (one task per unacknowledged publish), a
     # PLC server's task for a client that is reconnecting, a socket closing after a link
-    # loss or a broker restart come and go, so the second half's maximum may exceed the
-    # first's by a few without a leak. soak.TOLERANCE holds those allowances; a leak of
-    # one per fault or per reel passes them within a run this long.
+    # loss or a broker restart come and go, so the halves are compared by their 90th
+    # percentiles (soak.growth), and soak.TOLERANCE allows a few more; a leak of one per
+    # fault or per reel passes them within a run this long.
     g = res["growth"]
     assert "error" not in g
     for key in ("tasks", "fds", "sockets"):
