@@ -1,9 +1,8 @@
 """Controller CPU per cycle against a bare pymodbus poll of the same blocks (issue 9).
 
-Measures, side by side in one run and one process, the CPU time this process spends per
-cycle in three phases, each against the bundled simulators in their own process
-(`python -m simulators`, as bench/control_cycle.py starts them), so that the simulators'
-CPU is never counted here:
+Measures, side by side in one run, the CPU time spent per cycle in three phases, each
+against the bundled simulators in their own process (`python -m simulators`, as
+bench/control_cycle.py starts them), so that the simulators' CPU is never counted:
 
   - bare:  a bare pymodbus 3.16 poll: one AsyncModbusTcpClient per PLC reading, every
            cycle, the blocks linectl's plan reads (linectl.modbus.plan.plan_reads with the
@@ -17,17 +16,23 @@ CPU is never counted here:
   - reel:  the same with a reel RUNNING (beam on, dose ledger, metres and checkpoints
            written to SQLite).
 
-CPU is the process's user + system time (resource.getrusage(RUSAGE_SELF): every thread,
+CPU is a process's user + system time (resource.getrusage(RUSAGE_SELF): every thread,
 the store thread included) over the measured window, divided by the cycles the window
 ran (the service's cycles as its observers saw them; the bare loop's polls). Each phase
 starts from fresh simulators and a fresh service or client, settles for --settle-s, then
-is measured for --seconds. Phases are interleaved within each round (their order rotates
-round by round) so that drift in the host's load hits them alike. The ratio
-controller / bare is taken per round (paired) and its median reported with the medians
-of the figures. Goal (issue 9): controller <= 2.5x the bare poll, at 100 Hz.
+is measured for --seconds.
+
+--mode side-by-side (the default): in each round every phase runs at once, each in its
+own process (this script, --worker), and all are measured over the same window, so a
+change in the host's speed (this VM's neighbours, its clock) hits them alike. Measured
+one after the other (--mode sequential: one process, the phases' order rotating round by
+round), the bare poll's own CPU per cycle moved from 0.42 to 0.89 ms between rounds of
+one run, and the ratio with it. The ratio controller / bare is taken per round (paired)
+and its median reported with the medians of the figures. Goal (issue 9): controller
+<= 2.5x the bare poll, at 100 Hz.
 
     .venv/bin/python bench/cpu_per_cycle.py [--rate 100] [--rounds 3] [--seconds 20]
-        [--settle-s 2] [--json FILE]
+        [--settle-s 2] [--mode side-by-side|sequential] [--json FILE]
 
 Also printed: requests per cycle of each phase (linectl's from its links' counters) and
 the user / system split, so that where the time goes can be read beside the ratio. The
@@ -45,11 +50,12 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+ROOT = SCRIPT.parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the compact line is the tests'
 sys.path.insert(0, str(ROOT / "bench"))  # benchlib, control_cycle
 
@@ -63,12 +69,14 @@ from control_cycle import (  # noqa: E402
     with_period,
 )
 
+from linectl.aio import stop_task  # noqa: E402
 from linectl.config import LoadedConfig, PlcEndpoint, RegisterMap, load_config  # noqa: E402
 from linectl.core.control import LineState  # noqa: E402
 from linectl.modbus.plan import plan_reads  # noqa: E402
 from linectl.service import LineService, ReelRequest, select_recipe  # noqa: E402
 
 PHASES = ("bare", "rest", "reel")
+MODES = ("side-by-side", "sequential")
 CONTROLLER_PHASES = ("rest", "reel")
 GOAL_RATIO = 2.5
 
@@ -144,12 +152,14 @@ class Window:
 # ---------------------------------------------------------------------- the bare poll
 
 
+Gate = Callable[[], Awaitable[None]]
+"""Awaited once the phase runs (connected, the line READY or the reel RUNNING); returns
+when the measured window opens. Sequential mode: the settling time. Side-by-side mode:
+the settling time, then the moment every worker's window opens together."""
+
+
 async def bare_poll(
-    cfg: LoadedConfig,
-    sim: SimProcess,
-    rate_hz: float,
-    settle_s: float,
-    seconds: float,
+    cfg: LoadedConfig, sim: SimProcess, rate_hz: float, gate: Gate, seconds: float
 ) -> dict[str, Any]:
     """A plain pymodbus poll of the blocks linectl's plan reads, at the cycle rate."""
     from pymodbus.client import AsyncModbusTcpClient
@@ -167,19 +177,13 @@ async def bare_poll(
         polls.append((client, blocks, ep.unit_id))
     win = Window(sim.pid)
     period = 1.0 / rate_hz
-    missed = 0
-    try:
+    missed = [0]
+
+    running = True
+
+    async def loop() -> None:
         next_t = time.monotonic()
-        t_measure = next_t + settle_s
-        t_end = t_measure + seconds
-        started = False
-        while True:
-            now = time.monotonic()
-            if not started and now >= t_measure:
-                win.start()
-                started = True
-            if now >= t_end:
-                break
+        while running:
             for client, blocks, unit in polls:
                 for holding, address, count in blocks:
                     if holding:
@@ -195,16 +199,30 @@ async def bare_poll(
             late = time.monotonic() - next_t
             if late > period:  # skip the slots it overran, as the service does
                 skipped = int(late // period)
-                missed += skipped if win.active else 0
+                missed[0] += skipped if win.active else 0
                 next_t += skipped * period
             await asyncio.sleep(max(0.0, next_t - time.monotonic()))
+
+    task = asyncio.create_task(loop(), name="bench-bare-poll")
+    try:
+        await gate()
+        if task.done():
+            task.result()
+        win.start()
+        await asyncio.sleep(seconds)
         win.stop()
+        if task.done():
+            task.result()
     finally:
+        # Asked to end, then cancelled until it does: on 3.11 pymodbus's wait_for can
+        # swallow a cancellation (linectl.aio), and a side-by-side worker hung so.
+        running = False
+        await stop_task(task, grace_s=2.0)
         for client, _b, _u in polls:
             client.close()
     return {
         **win.figures(rate_hz),
-        "missed": missed,
+        "missed": missed[0],
         "requests_per_cycle": {"read": float(sum(len(b) for _c, b, _u in polls))},
     }
 
@@ -234,7 +252,7 @@ async def controller(
     sim: SimProcess,
     *,
     rate_hz: float,
-    settle_s: float,
+    gate: Gate,
     seconds: float,
     reel: bool,
 ) -> dict[str, Any]:
@@ -259,7 +277,7 @@ async def controller(
     if reel:
         # Long enough that the reel still runs when the window ends.
         v = speed_limit_m_min(cfg, recipe)
-        length_m = round(v / 60.0 * (settle_s + seconds + 60.0) * 1.5 + 20.0)
+        length_m = round(v / 60.0 * (seconds + 120.0) * 1.5 + 20.0)
         svc.request_reel(ReelRequest("CPU-1", length_m, "bench"))
     task = asyncio.create_task(svc.run(), name="bench-cpu-line")
     try:
@@ -267,7 +285,7 @@ async def controller(
             await wait_running(svc, 60.0)
         else:
             await sc.wait_for(lambda: svc.ctl.state is LineState.READY, 60.0, "the line READY")
-        await asyncio.sleep(settle_s)
+        await gate()
         if task.done():
             task.result()
             raise RuntimeError("the line service returned before the measurement")
@@ -296,7 +314,7 @@ async def controller(
 
 
 async def phase(
-    name: str, *, rate_hz: float, settle_s: float, seconds: float, workdir: Path, seed: int
+    name: str, *, rate_hz: float, gate: Gate, seconds: float, workdir: Path, seed: int
 ) -> dict[str, Any]:
     """One phase: fresh simulators (own process) and the poller or service."""
     cfg = load_config(sc.compact_config(workdir), environ={})
@@ -305,14 +323,94 @@ async def phase(
     await sim.start()
     try:
         if name == "bare":
-            res = await bare_poll(cfg, sim, rate_hz, settle_s, seconds)
+            res = await bare_poll(cfg, sim, rate_hz, gate, seconds)
         else:
             res = await controller(
-                cfg, sim, rate_hz=rate_hz, settle_s=settle_s, seconds=seconds, reel=name == "reel"
+                cfg, sim, rate_hz=rate_hz, gate=gate, seconds=seconds, reel=name == "reel"
             )
     finally:
         await sim.stop()
     return {"phase": name, **res}
+
+
+async def worker(args: argparse.Namespace) -> int:
+    """Side-by-side mode, one phase in this process: say READY on stdout once it runs and
+    has settled, read the window's start (time.monotonic(), shared by every process on
+    the host) from stdin, measure, print the figures as one JSON line."""
+    loop = asyncio.get_running_loop()
+
+    async def gate() -> None:
+        await asyncio.sleep(args.settle_s)
+        print("READY", flush=True)
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        start = float(line.split()[1])  # "GO <t>"
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+
+    res = await phase(
+        args.worker,
+        rate_hz=args.rate,
+        gate=gate,
+        seconds=args.seconds,
+        workdir=args.workdir,
+        seed=args.seed,
+    )
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+async def side_by_side_round(
+    phases: list[str], *, rate_hz: float, settle_s: float, seconds: float, workdir: Path, seed: int
+) -> dict[str, dict[str, Any]]:
+    """Every phase at once, each in its own process with its own simulators, all measured
+    over the same window: a change in the host's speed (a VM's neighbours, the clock)
+    hits the bare poll and the controller alike, where one phase after the other it
+    moved the ratio by up to a factor of two from round to round."""
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    try:
+        for name in phases:
+            procs[name] = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(SCRIPT),
+                "--worker",
+                name,
+                "--rate",
+                str(rate_hz),
+                "--settle-s",
+                str(settle_s),
+                "--seconds",
+                str(seconds),
+                "--workdir",
+                str(workdir / name),
+                "--seed",
+                str(seed),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+        for name, proc in procs.items():
+            assert proc.stdout is not None
+            async with asyncio.timeout(120.0):
+                line = await proc.stdout.readline()
+            if line.strip() != b"READY":
+                raise RuntimeError(f"worker {name} did not get ready: {line!r}")
+        start = time.monotonic() + 0.5
+        for proc in procs.values():
+            assert proc.stdin is not None
+            proc.stdin.write(f"GO {start}\n".encode())
+            await proc.stdin.drain()
+        got: dict[str, dict[str, Any]] = {}
+        for name, proc in procs.items():
+            async with asyncio.timeout(seconds + 120.0):
+                out, _ = await proc.communicate()
+            results = [ln for ln in out.decode().splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not results:
+                raise RuntimeError(f"worker {name} failed (exit {proc.returncode})")
+            got[name] = json.loads(results[-1].removeprefix("RESULT "))
+        return got
+    finally:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
 
 
 def _median(xs: list[float]) -> float | None:
@@ -365,6 +463,7 @@ def summarise(rounds: list[dict[str, dict[str, Any]]], phases: list[str]) -> dic
 async def run(
     phases: list[str],
     *,
+    mode: str,
     rate_hz: float,
     rounds: int,
     settle_s: float,
@@ -372,14 +471,29 @@ async def run(
     workdir: Path,
 ) -> dict[str, Any]:
     raw: list[dict[str, dict[str, Any]]] = []
+
+    async def settle() -> None:
+        await asyncio.sleep(settle_s)
+
     for i in range(rounds):
+        if mode == "side-by-side":
+            got = await side_by_side_round(
+                phases,
+                rate_hz=rate_hz,
+                settle_s=settle_s,
+                seconds=seconds,
+                workdir=workdir / f"r{i}",
+                seed=i + 1,
+            )
+            raw.append({name: got[name] for name in phases})
+            continue
         order = phases[i % len(phases) :] + phases[: i % len(phases)]
-        got: dict[str, dict[str, Any]] = {}
+        got = {}
         for name in order:
             got[name] = await phase(
                 name,
                 rate_hz=rate_hz,
-                settle_s=settle_s,
+                gate=settle,
                 seconds=seconds,
                 workdir=workdir / f"r{i}-{name}",
                 seed=i + 1,
@@ -414,8 +528,9 @@ def print_table(res: dict[str, Any], say: Callable[[str], None] = print) -> None
             f"{_f(p['sim_cpu_pct'], '.1f'):>6} {_f(p['other_cpu_pct_max'], '.1f'):>7}"
         )
     say(
-        f"CPU of this process per cycle (user + system, every thread; simulators in their own "
-        f"process), medians of {res['rounds']} round(s) of {res['seconds']:g} s at "
+        f"CPU of the phase's process per cycle (user + system, every thread; simulators in "
+        f"their own process), phases {res['mode']}, medians of {res['rounds']} round(s) of "
+        f"{res['seconds']:g} s at "
         f"{res['rate_hz']:g} Hz;\nx bare: median of the per-round ratios controller / bare "
         "poll (same round, same machine state);\nsim %: the simulator process, median; other %: "
         "the rest of the host (all cores, % of one core), the largest of the rounds"
@@ -443,8 +558,23 @@ def main(argv: list[str] | None = None) -> int:
         default=list(PHASES),
         help="comma-separated, of bare,rest,reel (default all)",
     )
+    ap.add_argument(
+        "--mode",
+        choices=MODES,
+        default="side-by-side",
+        help="side-by-side (default): the phases at once, each in its own process, over one\n"
+        "window; sequential: one phase after the other in this process",
+    )
     ap.add_argument("--json", type=Path, help="also write the result as JSON here")
+    # A side-by-side run's workers (this script again, one phase each).
+    ap.add_argument("--worker", choices=PHASES, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker is not None:
+        if args.workdir is None:
+            ap.error("--worker needs --workdir")
+        return asyncio.run(worker(args))
     if not 1.0 <= args.rate <= 200.0:
         ap.error(f"--rate must be within 1..200 Hz, not {args.rate:g}")
     if args.rounds < 1:
@@ -464,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         res = asyncio.run(
             run(
                 args.phases,
+                mode=args.mode,
                 rate_hz=args.rate,
                 rounds=args.rounds,
                 settle_s=args.settle_s,
@@ -477,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "seconds": args.seconds,
             "settle_s": args.settle_s,
+            "mode": args.mode,
             "sim": "separate process (python -m simulators), fresh for each phase",
             "python": sys.version.split()[0],
             "code": code,
@@ -485,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print_table(res)
     print(
-        f"\n{args.rounds} round(s) x {len(args.phases)} phase(s) in {res['took_s']:.0f} s; "
+        f"\n{args.rounds} round(s) x {len(args.phases)} phase(s), {args.mode}, in "
+        f"{res['took_s']:.0f} s; "
         f"load average (1, 5, 15 min): start {res['load_avg_start']}, end "
         f"{res['load_avg_end']}; {res['cpus']} CPUs; code {code}"
     )

@@ -61,7 +61,7 @@ from linectl.core.line import (
 )
 from linectl.core.views import acc_writes, cnv_writes
 from linectl.errors import LinectlError, LocalError, PlcError
-from linectl.modbus.link import PlcLink, Snapshot
+from linectl.modbus.link import PlcLink, Snapshot, wait_polls
 from linectl.store import RecordStore, ReelInfo, utc_now_iso
 from linectl.telemetry import ActiveAlarm, AlarmView, LineStatus, LiveValue, iso_to_ms
 
@@ -607,16 +607,12 @@ class LineService:
         # period: a PLC that answers late is read from its last snapshot, never waited
         # for (its data only ages, and past stale_after_s the PLC is unknown).
         poll_wait_s = 0.5 * period
-        loop = asyncio.get_running_loop()
         while True:
             t0 = self.clock()
-            seqs = (self.acc.request_poll(), self.cnv.request_poll())
-            # Both polls run meanwhile (each link's own task): waiting for one and then
-            # for the other, both until one deadline, ends when gathering both would,
-            # without two tasks made and a gather every cycle.
-            deadline = loop.time() + poll_wait_s
-            await self.acc.wait_poll(seqs[0], poll_wait_s)
-            await self.cnv.wait_poll(seqs[1], max(0.0, deadline - loop.time()))
+            # Both polls run meanwhile (each link's own task); the cycle wakes once, when
+            # the later one is done or at the deadline.
+            polls = ((self.acc, self.acc.request_poll()), (self.cnv, self.cnv.request_poll()))
+            await wait_polls(polls, poll_wait_s)
             self._cycle()
             now = self.clock()
             self.stats.record(now - t0, max(0.0, t0 - next_t))

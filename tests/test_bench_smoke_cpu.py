@@ -11,12 +11,14 @@ from conftest import load_bench
 
 
 @pytest.mark.slow
-def test_cpu_per_cycle_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("mode", ["side-by-side", "sequential"])
+def test_cpu_per_cycle_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str) -> None:
     out = tmp_path / "cpu.json"
     args = ["--rounds", "1", "--seconds", "1", "--settle-s", "0.3", "--json", str(out)]
-    assert load_bench("cpu_per_cycle").main(args) == 0
+    assert load_bench("cpu_per_cycle").main([*args, "--mode", mode]) == 0
     res = json.loads(out.read_text())
     assert res["rate_hz"] == 100
+    assert res["mode"] == mode
     phases = res["phases"]
     assert list(phases) == ["bare", "rest", "reel"]
     (raw,) = res["rounds_raw"]
@@ -51,6 +53,12 @@ def test_cpu_per_cycle_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 def test_cpu_per_cycle_rejects_bad_arguments() -> None:
     mod = load_bench("cpu_per_cycle")
-    for bad in (["--phases", "bare,idle"], ["--rate", "0.5"], ["--seconds", "0"]):
+    for bad in (
+        ["--phases", "bare,idle"],
+        ["--rate", "0.5"],
+        ["--seconds", "0"],
+        ["--mode", "parallel"],
+        ["--worker", "reel"],  # a worker needs its --workdir
+    ):
         with pytest.raises(SystemExit):
             mod.main(bad)

@@ -2,7 +2,8 @@
 
 BlockDecoder against codec.decode field by field, Snapshot.value against get().value,
 a link's cached write plan against plan_writes, Outputs.changed against
-dataclasses.replace.
+dataclasses.replace, a report's live values (made when read) against the line's at
+that cycle.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from linectl.errors import LocalError
 from linectl.modbus.link import BlockRead, PlcLink, Snapshot
 from linectl.modbus.plan import plan_reads, plan_writes, write_plan
 from linectl.quality import Quality
+from linectl.service import select_recipe
 
 TYPES: tuple[RegisterType, ...] = ("bits", "uint16", "int16", "uint32", "int32", "float32")
 WORD_ORDERS: tuple[WordOrder, ...] = ("ABCD", "CDAB", "BADC", "DCBA")
@@ -140,3 +142,37 @@ def test_outputs_changed_is_replace(name: str) -> None:
     value = {bool: False, float: 0.0, int: 0}[type(getattr(base, name))]
     assert base.changed(**{name: value}) == dataclasses.replace(base, **{name: value})
     assert base.changed() == base
+
+
+def test_a_reports_live_values_are_its_cycles_even_when_read_later(cfg: LoadedConfig) -> None:
+    """CycleReport.live is made on first read: read cycles later (the line moved on,
+    the reel position and the speed changed), it still holds what the line's
+    live_values() gave at the report's own cycle."""
+    from harness import ClosedLoop  # the closed loop on simulated time
+
+    cl = ClosedLoop(cfg, select_recipe(cfg, None)[0])
+    reports: list[Any] = []
+    cycle = cl.line.cycle
+
+    def keep(inp: Any) -> Any:
+        report = cycle(inp)
+        reports.append((report, cl.line.live_values()))
+        return report
+
+    cl.line.cycle = keep  # type: ignore[method-assign]
+    cl.settle()
+    cl.start(length_m=50.0)
+    cl.run_for(10.0)
+    assert cl.ledger is not None
+    assert cl.ledger.position_m
+    taken = reports[-150::30]
+    cl.run_for(5.0)  # and the line moves on before they are read
+    positions = set()
+    for report, then in taken:
+        assert dict(report.live) == then
+        assert len(report.live) == len(then)
+        assert list(report.live) == list(then)
+        positions.add(then["reel_position_m"].value)
+    assert len(positions) == len(taken)  # the reports really were of different cycles
+    now = cl.line.live_values()["reel_position_m"].value
+    assert now not in positions

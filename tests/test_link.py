@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -23,7 +24,7 @@ from linectl.errors import (
     PlcTimeoutError,
     PlcUnavailableError,
 )
-from linectl.modbus.link import PlcLink, Snapshot
+from linectl.modbus.link import PlcLink, Snapshot, wait_polls
 from linectl.quality import Quality
 from simulators.server import SimulatedLine
 
@@ -293,6 +294,73 @@ async def test_late_responses_never_taken_for_current(
             read_ms = snap.get("clock").plc_clock_ms
             assert read_ms is not None
             assert 0 <= (line.plant.accelerator.clock_ms - read_ms) % U32 < 5000
+
+
+async def test_a_request_waits_timeout_s_not_the_connect_timeout(
+    cfg: LoadedConfig, line: SimulatedLine
+) -> None:
+    """pymodbus has one timeout for connect and requests; the link connects with the
+    connect timeout and then bounds each request by timeout_s. Answers that come
+    between the two are too late: they must time out, not be taken."""
+    async with open_link(cfg, "accelerator", line.acc_port) as link:
+        ep = link.endpoint
+        assert ep.connect_timeout_s >= 3 * ep.timeout_s  # the defaults: 0.5 s and 0.1 s
+        await poll_until(link, lambda s: s.ok)
+        assert link.request_timeout_s == ep.timeout_s
+        late_s = (ep.timeout_s + ep.connect_timeout_s) / 2
+        line.faults.delay("accelerator", late_s, 0.0, 2.0)
+        snap = await link.poll()
+        assert not snap.ok
+        assert link.stats.errors["timeout"] >= 1
+        await poll_until(link, lambda s: s.ok, deadline_s=10.0)  # and it comes back
+        assert link.request_timeout_s == ep.timeout_s  # on the new connection too
+
+
+async def test_wait_polls_ends_when_both_are_done_or_at_its_deadline(
+    cfg: LoadedConfig, line: SimulatedLine
+) -> None:
+    """The cycle's one wait for both links' polls: it ends once the later poll is done;
+    with one PLC answering late it ends at its deadline with the other's poll done (the
+    late one's data only ages); it leaves no hook behind either way."""
+    # The accelerator waits 3 s for an answer: its late poll is still in flight when
+    # the wait's deadline comes.
+    acc_ep = cfg.endpoint("accelerator").model_copy(
+        update={"port": line.acc_port, "timeout_s": 3.0, "stale_after_s": 5.0}
+    )
+    async with (
+        PlcLink("accelerator", acc_ep, cfg.accelerator_map) as acc,
+        open_link(cfg, "conveyor", line.cnv_port) as cnv,
+    ):
+        assert await acc.wait_connected(10.0)
+        acc.start_io()
+        cnv.start_io()
+        await eventually(lambda: acc.configured and cnv.configured)
+        for _ in range(5):
+            polls = ((acc, acc.request_poll()), (cnv, cnv.request_poll()))
+            async with asyncio.timeout(5.0):
+                await wait_polls(polls, 5.0)
+            assert all(link.poll_done(seq) for link, seq in polls)
+        late_s = 2.0
+        line.faults.delay("accelerator", late_s, 0.0, 3.0)
+        await asyncio.sleep(0.05)  # a poll in flight now waits for a delayed answer
+        polls = ((acc, acc.request_poll()), (cnv, cnv.request_poll()))
+        async with asyncio.timeout(late_s / 2):  # never waits for the late PLC
+            await wait_polls(polls, 0.3)
+        assert cnv.poll_done(polls[1][1])
+        assert not acc.poll_done(polls[0][1])
+        assert acc._poll_hooks == []
+        assert cnv._poll_hooks == []
+        # A wait that is cancelled leaves no hook either.
+        polls = ((acc, acc.request_poll()), (cnv, cnv.request_poll()))
+        waiter = asyncio.create_task(wait_polls(polls, 10.0))
+        await asyncio.sleep(0.05)
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        assert acc._poll_hooks == []
+        assert cnv._poll_hooks == []
+        await acc.stop_io()
+        await cnv.stop_io()
 
 
 async def test_dead_plc_does_not_stall_the_other_link(

@@ -17,6 +17,7 @@ from linectl.modbus.plan import (
     decode_block,
     plan_reads,
     plan_writes,
+    write_plan,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -156,3 +157,31 @@ def test_plan_writes_refuses_before_io(cfg: LoadedConfig) -> None:
         plan_writes(rmap, {"nope": 1.0})
     with pytest.raises(LocalError, match="watchdog"):
         plan_writes(rmap, {"watchdog": 70000})
+
+
+def test_a_plan_kept_across_cycles_encodes_as_a_fresh_one(cfg: LoadedConfig) -> None:
+    """The link keeps one plan per set of names and it remembers each field's last
+    encoding: whatever the values do from call to call (repeat, change, 0.0 to -0.0,
+    True to 1, a refused value in between), its runs are a fresh plan's."""
+    rmap = cfg.accelerator_map
+    names = ("command", "beam_current_sp", "energy_sp", "scan_width_sp", "watchdog")
+    plan = write_plan(rmap, names)
+    steps: list[dict[str, Any]] = [
+        {"command": 1, "beam_current_sp": 10.0, "energy_sp": 1.5, "scan_width_sp": 100.0},
+        {"command": 1, "beam_current_sp": 10.0, "energy_sp": 1.5, "scan_width_sp": 100.0},
+        {"command": 3, "beam_current_sp": 12.5, "energy_sp": 1.5, "scan_width_sp": 100.0},
+        {"command": 3, "beam_current_sp": 0.0, "energy_sp": 1.5, "scan_width_sp": 100.0},
+        {"command": 3, "beam_current_sp": -0.0, "energy_sp": 1.5, "scan_width_sp": 100.0},
+        {"command": True, "beam_current_sp": -0.0, "energy_sp": 1.5, "scan_width_sp": 100.0},
+        {"command": 1, "beam_current_sp": 12.5, "energy_sp": 1.5, "scan_width_sp": 100.0},
+    ]
+    for i, step in enumerate(steps):
+        values = {**step, "watchdog": i}
+        assert plan.runs(values) == plan_writes(rmap, values), step
+    # A refused value raises and leaves the remembered encoding as it was.
+    with pytest.raises(LocalError, match="watchdog"):
+        plan.runs({**steps[-1], "watchdog": 70000})
+    values = {**steps[-1], "watchdog": 7}
+    assert plan.runs(values) == plan_writes(rmap, values)
+    bits = [r.registers for r in plan.runs({**steps[4], "watchdog": 7})]
+    assert bits != [r.registers for r in plan.runs({**steps[3], "watchdog": 7})]  # -0.0

@@ -796,7 +796,7 @@ class Line:
             status=self.status(),
             active_alarms=self.active_alarms(),
             alarm_board=self.alarm_board(),
-            live=MappingProxyType(self.live_values()),
+            live=LazyLive(self._live_source()),
         )
 
     # ------------------------------------------------------------------ what adapters read
@@ -844,30 +844,19 @@ class Line:
         at. PLC values carry their reading's quality and the time it arrived; set-points
         and the reel position are the controller's own (GOOD, this cycle). Before the
         first reading every PLC value is COMM_FAIL with no value."""
-        now_ms = self._in.wall_ms
-        out: dict[str, LiveValue] = {}
-        readings = (self.last_acc, self.last_cnv)
-        for which, fld, name, scale in self._live_fields:
-            r = readings[which]
-            if r is None:
-                out[name] = LiveValue(name, None, Quality.COMM_FAIL, now_ms)
-                continue
-            try:
-                sample = r.get(fld)
-            except (LocalError, KeyError):  # a map without this field: nothing to report
-                continue
-            age_ms = round((r.host_time_s - sample.host_time_s) * 1000.0)
-            value = None if sample.value is None else float(sample.value) * scale
-            out[name] = LiveValue(name, value, sample.quality, now_ms - max(0, age_ms))
-        position = self.ledger.position_m if self.ledger is not None else None
-        out["reel_position_m"] = LiveValue("reel_position_m", position, Quality.GOOD, now_ms)
+        return self._live_source().values()
+
+    def _live_source(self) -> _LiveSource:
+        """What this cycle's live values are made of (immutable: readings, numbers)."""
         o = self.ctl.outputs
-        for name, value in (
-            ("beam_current_sp_ma", o.beam_current_sp_ma),
-            ("speed_sp_m_min", o.speed_sp_m_min),
-        ):
-            out[name] = LiveValue(name, value, Quality.GOOD, now_ms)
-        return out
+        return _LiveSource(
+            self._live_fields,
+            (self.last_acc, self.last_cnv),
+            self.ledger.position_m if self.ledger is not None else None,
+            o.beam_current_sp_ma,
+            o.speed_sp_m_min,
+            self._in.wall_ms,
+        )
 
     def _emit(self, effect: Effect) -> None:
         self._effects.append(effect)
@@ -1728,6 +1717,67 @@ class Line:
             return None
         # An upper bound, as resume_with() wants: the sample is no older than now.
         return max(wall_s, 0.0) + sample_age_s + RESUME_CLOCK_TOL_S
+
+
+@dataclass(frozen=True, slots=True)
+class _LiveSource:
+    """A cycle's live values, unmade: made only when an adapter reads them (MQTT and the
+    HMI at a few Hz), not every cycle at 100 Hz."""
+
+    fields: tuple[tuple[int, str, str, float], ...]
+    readings: tuple[PlcReading | None, PlcReading | None]
+    position_m: float | None
+    beam_current_sp_ma: float
+    speed_sp_m_min: float
+    now_ms: int
+
+    def values(self) -> dict[str, LiveValue]:
+        now_ms = self.now_ms
+        out: dict[str, LiveValue] = {}
+        readings = self.readings
+        for which, fld, name, scale in self.fields:
+            r = readings[which]
+            if r is None:
+                out[name] = LiveValue(name, None, Quality.COMM_FAIL, now_ms)
+                continue
+            try:
+                sample = r.get(fld)
+            except (LocalError, KeyError):  # a map without this field: nothing to report
+                continue
+            age_ms = round((r.host_time_s - sample.host_time_s) * 1000.0)
+            value = None if sample.value is None else float(sample.value) * scale
+            out[name] = LiveValue(name, value, sample.quality, now_ms - max(0, age_ms))
+        out["reel_position_m"] = LiveValue("reel_position_m", self.position_m, Quality.GOOD, now_ms)
+        for name, value in (
+            ("beam_current_sp_ma", self.beam_current_sp_ma),
+            ("speed_sp_m_min", self.speed_sp_m_min),
+        ):
+            out[name] = LiveValue(name, value, Quality.GOOD, now_ms)
+        return out
+
+
+class LazyLive(Mapping[str, LiveValue]):
+    """A read-only mapping of a cycle's live values, made on first read."""
+
+    __slots__ = ("_source", "_values")
+
+    def __init__(self, source: _LiveSource) -> None:
+        self._source = source
+        self._values: dict[str, LiveValue] | None = None
+
+    def _made(self) -> dict[str, LiveValue]:
+        if self._values is None:
+            self._values = self._source.values()
+        return self._values
+
+    def __getitem__(self, name: str) -> LiveValue:
+        return self._made()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._made())
+
+    def __len__(self) -> int:
+        return len(self._made())
 
 
 def reading_values(r: PlcReading) -> dict[str, float | int | None]:

@@ -383,6 +383,8 @@ class PlcLink:
         self._poll_seq = 0  # polls requested
         self._poll_done = 0  # polls finished (or given up: not connected)
         self._poll_event = asyncio.Event()
+        # Called when a poll finishes (wait_polls: one wake-up for several links).
+        self._poll_hooks: list[Callable[[], None]] = []
         self._on_connect: dict[str, float] = {}
         self._configured_gen = -1  # the connection generation the I/O task configured
         self.settings_refused: str | None = None
@@ -438,6 +440,13 @@ class PlcLink:
     def connected(self) -> bool:
         """True while a TCP connection to the PLC is open."""
         return self._client is not None and self._client.connected
+
+    @property
+    def request_timeout_s(self) -> float | None:
+        """How long the current connection waits for an answer (pymodbus's timer);
+        None while there is no connection."""
+        client = self._client
+        return None if client is None else float(client.ctx.comm_params.timeout_connect)
 
     def now(self) -> float:
         """The link's clock (the time base of its snapshots' host times)."""
@@ -495,9 +504,10 @@ class PlcLink:
                 self._drop_client()
                 self._mark_down("connection closed by the PLC")
 
-        # pymodbus uses one timeout for connect and for requests; ours are the outer
-        # asyncio timeouts below, so its own must not fire first. Its reconnect and
-        # retries are off: this task reconnects, and a retry would double the wait.
+        # pymodbus uses one timeout for connect and for requests: the connect's here
+        # (our outer asyncio timeout is the connect's bound, so pymodbus's must not fire
+        # first); once connected it is set to the request timeout (below). Its reconnect
+        # and retries are off: this task reconnects, and a retry would double the wait.
         client = AsyncModbusTcpClient(
             ep.host,
             port=ep.port,
@@ -526,6 +536,11 @@ class PlcLink:
             self._mark_down(why)
             self._io_wake.set()
             return False
+        # Requests are bounded by pymodbus's own wait for the answer, at timeout_s: it
+        # waits with a timer anyway, and a second one of ours around every request cost
+        # a tenth of the link's CPU at 100 Hz (cpu_per_cycle). `request_timeout_s`
+        # checks that the setting took.
+        client.ctx.comm_params.timeout_connect = ep.timeout_s
         self._lost.clear()
         self._client = client
         self._answered = False
@@ -593,10 +608,10 @@ class PlcLink:
         self.stats.count_request(fc)
         t0 = time.perf_counter()
         try:
-            async with asyncio.timeout(self.endpoint.timeout_s):
-                pdu = await cancellable(call(client))
+            # pymodbus's timer bounds the wait (timeout_s, set at connect).
+            pdu = await cancellable(call(client))
         except (TimeoutError, ModbusIOException) as exc:
-            # ModbusIOException is pymodbus's own "no response" (its timer, not ours).
+            # ModbusIOException is pymodbus's "no response" within timeout_s.
             if self._client is not client:  # the PLC closed the socket meanwhile
                 self._fail(client, "disconnect", f"connection lost during FC{fc}", exc)
             msg = f"no answer within {self.endpoint.timeout_s} s (FC{fc})"
@@ -873,6 +888,10 @@ class PlcLink:
                     await self._poll_event.wait()
         return self._poll_done >= seq
 
+    def poll_done(self, seq: int) -> bool:
+        """Whether poll `seq` (from request_poll) has finished."""
+        return self._poll_done >= seq
+
     def post(self, values: Mapping[str, float]) -> None:
         """Hand over a write; returns at once, the I/O task sends it.
 
@@ -952,6 +971,8 @@ class PlcLink:
         self.latest = snap
         self._poll_done = snap.seq
         self._poll_event.set()
+        for hook in self._poll_hooks:
+            hook()
 
     async def _configure(self) -> None:
         gen = self._generation
@@ -1014,3 +1035,32 @@ def _same(want: float | int, got: float | int) -> bool:
     if isinstance(want, int) and isinstance(got, int):
         return want == got
     return math.isclose(want, got, rel_tol=1e-6, abs_tol=1e-9)
+
+
+async def wait_polls(polls: Sequence[tuple[PlcLink, int]], timeout_s: float) -> None:
+    """Wait until every link has finished its poll (link, seq from request_poll), at
+    most timeout_s. The caller wakes once, when the last one finishes or at the deadline;
+    waiting for each link in turn woke it once per link and armed a timer for each, every
+    cycle (cpu_per_cycle)."""
+    if all(link.poll_done(seq) for link, seq in polls):
+        return
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def check() -> None:
+        if not done.done() and all(link.poll_done(seq) for link, seq in polls):
+            done.set_result(None)
+
+    def expire() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    for link, _seq in polls:
+        link._poll_hooks.append(check)
+    timer = loop.call_later(timeout_s, expire)
+    try:
+        await done
+    finally:
+        timer.cancel()
+        for link, _seq in polls:
+            link._poll_hooks.remove(check)

@@ -8,6 +8,7 @@ some PLCs answer a read that touches an unmapped register with exception 2.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -135,11 +136,29 @@ class WritePlan:
     cycle plans them once (`write_plan`) and only encodes the values (`runs`)."""
 
     groups: tuple[tuple[RegisterField, ...], ...]
+    # Each field's last value and its registers: most set-points are the same from
+    # cycle to cycle, and encoding them again cost a tenth of a write's CPU at 100 Hz.
+    _last: dict[str, tuple[float, list[int]]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def runs(self, values: Mapping[str, float]) -> tuple[WriteRun, ...]:
         """The requests for these values (the plan's fields, by name); every value is
         encoded before any run is made, so a bad one fails the whole call."""
-        encoded = {f.name: encode_value(f, values[f.name]) for g in self.groups for f in g}
+        last = self._last
+        encoded: dict[str, list[int]] = {}
+        for g in self.groups:
+            for f in g:
+                v = values[f.name]
+                seen = last.get(f.name)
+                # Same type and value, and not zero (0.0 and -0.0 are equal but encode
+                # apart): the registers are the ones encoded last time.
+                if seen is not None and seen[0] == v and type(seen[0]) is type(v) and v != 0:
+                    encoded[f.name] = seen[1]
+                    continue
+                regs = encode_value(f, v)  # LocalError: nothing is kept
+                last[f.name] = (v, regs)
+                encoded[f.name] = regs
         return tuple(_run(g, encoded) for g in self.groups)
 
 
