@@ -382,7 +382,6 @@ class PlcLink:
         self._queue: deque[dict[str, float]] = deque()
         self._poll_seq = 0  # polls requested
         self._poll_done = 0  # polls finished (or given up: not connected)
-        self._poll_event = asyncio.Event()
         # Called when a poll finishes (wait_polls: one wake-up for several links).
         self._poll_hooks: list[Callable[[], None]] = []
         self._on_connect: dict[str, float] = {}
@@ -440,13 +439,6 @@ class PlcLink:
     def connected(self) -> bool:
         """True while a TCP connection to the PLC is open."""
         return self._client is not None and self._client.connected
-
-    @property
-    def request_timeout_s(self) -> float | None:
-        """How long the current connection waits for an answer (pymodbus's timer);
-        None while there is no connection."""
-        client = self._client
-        return None if client is None else float(client.ctx.comm_params.timeout_connect)
 
     def now(self) -> float:
         """The link's clock (the time base of its snapshots' host times)."""
@@ -538,8 +530,7 @@ class PlcLink:
             return False
         # Requests are bounded by pymodbus's own wait for the answer, at timeout_s: it
         # waits with a timer anyway, and a second one of ours around every request cost
-        # a tenth of the link's CPU at 100 Hz (cpu_per_cycle). `request_timeout_s`
-        # checks that the setting took.
+        # a tenth of the link's CPU at 100 Hz (cpu_per_cycle).
         client.ctx.comm_params.timeout_connect = ep.timeout_s
         self._lost.clear()
         self._client = client
@@ -879,14 +870,8 @@ class PlcLink:
     async def wait_poll(self, seq: int, timeout_s: float) -> bool:
         """Wait at most timeout_s for poll `seq` to finish; whether it did. A link with
         no connection finishes its polls at once (with data that only ages)."""
-        if self._poll_done >= seq:
-            return True  # no timer to arm and cancel for a poll that is done
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                while self._poll_done < seq:
-                    self._poll_event.clear()
-                    await self._poll_event.wait()
-        return self._poll_done >= seq
+        await wait_polls(((self, seq),), timeout_s)
+        return self.poll_done(seq)
 
     def poll_done(self, seq: int) -> bool:
         """Whether poll `seq` (from request_poll) has finished."""
@@ -970,7 +955,6 @@ class PlcLink:
         snap.seq = self._poll_seq if seq is None else seq
         self.latest = snap
         self._poll_done = snap.seq
-        self._poll_event.set()
         for hook in self._poll_hooks:
             hook()
 
