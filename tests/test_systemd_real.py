@@ -64,7 +64,10 @@ def test_the_unit_under_a_real_systemd(tmp_path: Path) -> None:
         # CI installs systemd-nspawn and requires the rehearsal to run (.ci/run).
         assert not os.environ.get("CI_REQUIRE_SYSTEMD"), f"CI_REQUIRE_SYSTEMD set: {reason}"
         pytest.skip(reason)
-    assert proc.returncode == 0, out
+    # The failing check last, after the journal: a CI log that keeps only the head and
+    # the tail of a long message still shows it.
+    failed = "\n".join(line for line in out.splitlines() if "rehearse: FAILED" in line)
+    assert proc.returncode == 0, f"{out}\n{failed}"
     assert "rehearse: PASSED" in out, out
     # What the proxy test cannot show, each shown here.
     for shown in (
