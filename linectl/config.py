@@ -633,6 +633,13 @@ class LineConfig(_Strict):
     http: HttpConfig = Field(default_factory=HttpConfig)
     """The operator HMI and JSON API (docs/hmi.md)."""
 
+    @property
+    def stall_credit_s(self) -> float:
+        """At most this much of a PLC's data age is left out as linectl's own stall (the
+        smaller stale window): data older than its stale window plus this is never used
+        (docs/control.md, "Stalls of the controller")."""
+        return min(self.accelerator.stale_after_s, self.conveyor.stale_after_s)
+
     @field_validator("mqtt")
     @classmethod
     def _check_roles(cls, mqtt: MqttConfig) -> MqttConfig:

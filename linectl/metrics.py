@@ -257,6 +257,11 @@ class CycleStatsView(Protocol):
         ...
 
     @property
+    def stalls(self) -> int:
+        """Stalls of this process the cycle noted (running total)."""
+        ...
+
+    @property
     def duration_s(self) -> Sequence[float]:
         """The most recent cycle durations, oldest first."""
         ...
@@ -544,6 +549,13 @@ class LineMetrics:
             ["line"],
             registry=reg,
         ).labels(line)
+        self.stalls = Counter(
+            "linectl_control_stalls",
+            "Times the control cycle woke a whole period late or more (this process was "
+            "stalled); the PLCs' data was judged without the stall.",
+            ["line"],
+            registry=reg,
+        ).labels(line)
 
         self.modbus_duration = Histogram(
             "linectl_modbus_request_duration_seconds",
@@ -578,6 +590,7 @@ class LineMetrics:
         # Running totals last seen, so that counters advance by the difference.
         self._seen_cycles = 0
         self._seen_missed = 0
+        self._seen_stalls = 0
         self._seen_link: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------------ wiring
@@ -688,6 +701,7 @@ class LineMetrics:
             for x in _last(stats.lateness_s, new):
                 self.cycle_lateness.observe(x)
         self._seen_missed = _advance(self.cycles_missed, stats.missed, self._seen_missed)
+        self._seen_stalls = _advance(self.stalls, stats.stalls, self._seen_stalls)
 
     def _observe_link(self, link: LinkView) -> None:
         plc = link.name

@@ -61,7 +61,7 @@ from linectl.core.line import (
 )
 from linectl.core.views import acc_writes, cnv_writes
 from linectl.errors import LinectlError, LocalError, PlcError
-from linectl.modbus.link import PlcLink, Snapshot, wait_polls
+from linectl.modbus.link import PlcLink, Snapshot, StallLog, wait_polls
 from linectl.store import RecordStore, ReelInfo, utc_now_iso
 from linectl.telemetry import ActiveAlarm, AlarmView, LineStatus, LiveValue, iso_to_ms
 
@@ -88,6 +88,7 @@ class CycleStats:
 
     cycles: int = 0
     missed: int = 0  # cycles skipped because one overran by more than a period
+    stalls: int = 0  # wake-ups a whole period late or more (this process was stalled)
     duration_s: list[float] = field(default_factory=list)
     lateness_s: list[float] = field(default_factory=list)
     keep: int = 4096
@@ -117,11 +118,13 @@ def link_fresh(link: PlcLink, snap: Snapshot | None) -> bool:
     within the PLC's stale window (a closed socket, a lost or half answer, an exception
     burst) changes nothing. The PLC is unknown once its data is older than
     `stale_after_s`, or at once when a connection cannot be made again (refused, or
-    timed out) or the PLC refused a setting written at connect (link.settings_refused)."""
+    timed out) or the PLC refused a setting written at connect (link.settings_refused).
+    The age leaves out the time this process itself was stalled (`StallLog`): the PLC
+    is judged by how long it gave no data while linectl could have taken it."""
     if snap is None or link.unreachable or link.settings_refused is not None:
         # (A PLC that refused its watchdog timeout or ramp cannot be run as configured.)
         return False
-    return snap.age_s(link.now()) < link.endpoint.stale_after_s
+    return link.live_age_s(snap, link.now()) < link.endpoint.stale_after_s
 
 
 def restore_alarm_board(line: Line, store: RecordStore, now_ms: int) -> None:
@@ -231,6 +234,13 @@ class LineService:
                 PlcLink("conveyor", cnv_endpoint or cfg.line.conveyor, cfg.conveyor_map),
             )
         self.acc, self.cnv = links
+        # The cycle notes its own late wake-ups (a stall of this process: one whole cycle
+        # late or more); its links judge their data's age without them (StallLog).
+        self.stalls = StallLog(
+            min_stall_s=cfg.line.cycle_period_s,
+            max_credit_s=cfg.line.stall_credit_s,
+        )
+        self.acc.stalls = self.cnv.stalls = self.stalls
         self.line = Line(
             cfg, recipe, recipe_hash(recipe, recipe_path), recipe_path.stem, tuning=self.tuning
         )
@@ -609,10 +619,12 @@ class LineService:
         poll_wait_s = 0.5 * period
         while True:
             t0 = self.clock()
+            self._note_stall(next_t, t0)
             # Both polls run meanwhile (each link's own task); the cycle wakes once, when
             # the later one is done or at the deadline.
             polls = ((self.acc, self.acc.request_poll()), (self.cnv, self.cnv.request_poll()))
             await wait_polls(polls, poll_wait_s)
+            self._note_stall(t0 + poll_wait_s, self.clock())
             self._cycle()
             now = self.clock()
             self.stats.record(now - t0, max(0.0, t0 - next_t))
@@ -640,6 +652,16 @@ class LineService:
                 next_t += missed * period
                 delay = next_t - self.clock()
             await asyncio.sleep(max(0.0, delay))
+
+    def _note_stall(self, due_s: float, woke_s: float) -> None:
+        stall_s = self.stalls.note(due_s, woke_s)
+        if stall_s:
+            self.stats.stalls += 1
+            log.warning(
+                "this process was stalled %.3f s (the control cycle woke late): the PLCs' "
+                "data is judged without it",
+                stall_s,
+            )
 
     def _input(self, commands: list[_Pending]) -> CycleInput:
         acc_snap, cnv_snap = self.last_acc, self.last_cnv

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2e_scenarios import TRUE_K, line_service, operator_config, wait_for
@@ -22,6 +24,7 @@ from linectl.core.control import LineState, Transition
 from linectl.core.ledger import Verdict
 from linectl.service import LineService, ReelRequest, select_recipe
 from linectl.store import RecordStore
+from simulators import server
 from simulators.server import SimulatedLine
 
 pytestmark = pytest.mark.slow
@@ -268,6 +271,106 @@ async def test_one_operator_reset_brings_the_reel_back(tmp_path: Path, fault: st
     assert len(verdicts) == int(length_m), "every metre of the reel recorded, none beyond"
     # The fault came at about metre 7: the second half ran in spec again after the reset.
     assert verdicts[15:].count(Verdict.IN_SPEC) >= 5, verdicts
+
+
+# --------------------------------------------------------------------------- stalls
+
+
+class _Freezer:
+    """Stalls of the whole process (controller and the in-process simulators alike, as a
+    host that starves it of CPU) with a request to `plc` in flight: `arm` makes the next
+    request that reaches that simulator block the event loop for `freeze_s`. The link's
+    timer fires during the stall, its request is given up and the connection dropped;
+    the cycle wakes with data older than the stale window."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, plc: str, freeze_s: float) -> None:
+        self.armed = False
+        self.taken = 0
+        handle = server._Handler.callback_data
+
+        def frozen(handler: Any, data: bytes, addr: Any = None) -> int:
+            used: int = handle(handler, data, addr)
+            if self.armed and handler.link.plc == plc:
+                self.armed = False
+                time.sleep(freeze_s)  # blocks the event loop, as a starved process is
+                self.taken += 1
+            return used
+
+        monkeypatch.setattr(server._Handler, "callback_data", frozen)
+
+    async def stall(self) -> None:
+        """One stall, taken."""
+        n = self.taken
+        self.armed = True
+        await wait_for(lambda: self.taken > n, 5.0, "the stall")
+
+
+async def test_a_stall_of_linectl_itself_is_ridden_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This process stalled for 0.3 s (longer than the 0.25 s stale window, shorter than
+    the PLCs' 0.5 s watchdog) with a request in flight, three times in a reel: the PLCs
+    were not silent, linectl was not running. No state change, no alarm, the reel
+    finishes; the stalls are counted and the records hold against the truth."""
+    cfg = operator_config(tmp_path, OP)
+    freezer = _Freezer(monkeypatch, "conveyor", 0.3)
+    async with (
+        SimulatedLine(cfg, acc_port=0, cnv_port=0, seed=12, k_dose_true=TRUE_K) as sim,
+        _line(cfg, sim) as (svc, transitions),
+    ):
+        await _run_reel(svc, "STALL", 20.0)
+        before = len(transitions)
+        await wait_for(lambda: svc.records_written >= 2, 60.0, "2 metres")
+        for _ in range(3):
+            await freezer.stall()
+            await asyncio.sleep(0.5)
+        await wait_for(
+            lambda: svc.finished_reels == ["STALL"] or bool(svc.ctl.alarms), 120.0, "the end"
+        )
+        assert not svc.ctl.alarms
+        assert [t.new for t in transitions[before:]][:2] == [LineState.STOPPING, LineState.IDLE]
+        assert not svc.ctl.alarms
+        assert svc.stats.stalls >= 3
+        assert svc.cnv.stats.errors["timeout"] >= 3, "the requests in flight timed out"
+        _no_watchdog_trip(sim)
+    verdicts = _check_records(cfg, sim, "STALL")
+    assert len(verdicts) == 20
+    assert sim.plant.truth.burns == []
+
+
+@pytest.mark.parametrize(
+    ("freeze_s", "silent"), [(0.6, False), (0.2, True)], ids=["stall-0.6s", "silent-0.2s-stall"]
+)
+async def test_a_plc_is_lost_where_no_stall_explains_its_silence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, freeze_s: float, silent: bool
+) -> None:
+    """The credit is for linectl's own absence, at most one stale window:
+    - after 0.6 s away both PLCs' data is too old to use, whatever the cause;
+    - a conveyor that stops answering as this process stalls (0.2 s) is lost once it has
+      been silent for the stale window while linectl ran: the beam off by linectl, from
+      the accelerator, not by its watchdog.
+    The cable is recorded as the ledger can bound it, never in spec where the truth is not."""
+    cfg = operator_config(tmp_path, OP)
+    freezer = _Freezer(monkeypatch, "conveyor", freeze_s)
+    async with (
+        SimulatedLine(cfg, acc_port=0, cnv_port=0, seed=13, k_dose_true=TRUE_K) as sim,
+        _line(cfg, sim) as (svc, _tr),
+    ):
+        await _run_reel(svc, "LOST", 200.0)
+        await wait_for(lambda: svc.records_written >= 2, 60.0, "2 metres")
+        if silent:
+            sim.faults.silent("conveyor", 3.0)
+        await freezer.stall()
+        await wait_for(lambda: not sim.plant.accelerator.beam_on_req, 5.0, "beam off")
+        await wait_for(lambda: "conveyor_link" in svc.ctl.alarms, 5.0, "conveyor_link")
+        assert svc.stats.stalls >= 1
+        if silent:
+            assert "accelerator_link" not in svc.ctl.alarms
+            assert not sim.plant.accelerator.watchdog_trip, "linectl switched the beam off"
+        else:
+            assert "accelerator_link" in svc.ctl.alarms
+    _check_records(cfg, sim, "LOST")
+    assert sim.plant.truth.burns == []
 
 
 # --------------------------------------------------------------------------- reel zero

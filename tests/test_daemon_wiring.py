@@ -60,7 +60,15 @@ async def test_run_wires_metrics_mqtt_and_sparkplug(tmp_path: Path) -> None:
 
                 collector = asyncio.create_task(collect())
                 run = asyncio.create_task(run_with_bridge(svc, exit_when_done=True, metrics_port=0))
+                deadline = asyncio.get_running_loop().time() + 90.0
                 while not run.done():
+                    if asyncio.get_running_loop().time() > deadline:
+                        svc.stop()
+                        await run
+                        pytest.fail(
+                            f"the 4 m reel did not finish in 90 s: {svc.ctl.state.value}, "
+                            f"alarms {sorted(svc.ctl.alarms)}"
+                        )
                     if scraped == ["pending"] and svc.metrics_url:
                         scraped[0] = await asyncio.to_thread(_scrape, svc.metrics_url)
                     await asyncio.sleep(0.1)
@@ -128,7 +136,10 @@ async def test_the_metrics_endpoint_is_served_on_the_daemons_loop_by_no_thread(
                         assert r.status == 200
                         texts.append(await r.text())
                     await asyncio.sleep(0.2)
-            threads = sorted(t.name for t in threading.enumerate())
+            # (pytest-timeout's own watcher thread is named after this test.)
+            threads = sorted(
+                t.name for t in threading.enumerate() if not t.name.startswith("pytest_timeout")
+            )
         finally:
             svc.stop()
             await asyncio.wait_for(run, 60.0)

@@ -72,6 +72,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "linectl_control_cycle_duration_seconds": ("histogram", frozenset()),
     "linectl_control_cycle_lateness_seconds": ("histogram", frozenset()),
     "linectl_control_cycles_missed_total": ("counter", frozenset()),
+    "linectl_control_stalls_total": ("counter", frozenset()),
     "linectl_modbus_request_duration_seconds": ("histogram", frozenset({"plc", "function"})),
     "linectl_modbus_errors_total": ("counter", frozenset({"plc", "kind"})),
     "linectl_modbus_reconnects_total": ("counter", frozenset({"plc"})),

@@ -23,7 +23,7 @@ CNV_BITS = {
     "command": {"RUN": 0, "FAULT_RESET": 1},
     "status": {"CABLE_BREAK": 4, "ESTOP": 8},
 }
-TIMING = LinkTiming(cycle_s=0.05, cnv_stale_after_s=0.25, cnv_timeout_s=0.1)
+TIMING = LinkTiming(cycle_s=0.05, cnv_stale_after_s=0.25, cnv_timeout_s=0.1, stall_credit_s=0.25)
 HELD = Held(steady_s=30.0, speed_sp_m_min=80.0, current_sp_ma=40.0, current_ma=39.9)
 
 
@@ -73,8 +73,9 @@ def test_a_crash_at_speed_gets_the_bound_from_what_the_plcs_held() -> None:
     # The current: the recipe's 40 mA (what dose-follow may have set), 1 % ripple.
     assert b.i_hi_ma == pytest.approx(40.4)
     # The speed: 0.5 m/min AT_SPEED band, and 30 m/min/s for the conveyor link's skew
-    # (0.25 s stale + 0.1 s timeout + two 50 ms cycles + 50 ms PLC scan = 0.5 s).
-    assert b.v_low_m_min == pytest.approx(80.0 - 0.5 - 30.0 * 0.5)
+    # (0.25 s stale + up to 0.25 s of linectl's own stall left out of the data's age
+    # + 0.1 s timeout + two 50 ms cycles + 50 ms PLC scan = 0.75 s).
+    assert b.v_low_m_min == pytest.approx(80.0 - 0.5 - 30.0 * 0.75)
     assert b.charge_per_m_uc == pytest.approx(40.4 * 60000.0 / b.v_low_m_min)
 
 

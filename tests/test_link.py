@@ -24,7 +24,7 @@ from linectl.errors import (
     PlcTimeoutError,
     PlcUnavailableError,
 )
-from linectl.modbus.link import PlcLink, Snapshot, wait_polls
+from linectl.modbus.link import PlcLink, Snapshot, StallLog, wait_polls
 from linectl.quality import Quality
 from simulators.server import SimulatedLine
 
@@ -498,3 +498,60 @@ async def test_cdab_word_order_by_configuration_alone(
         assert isinstance(vac, float)
         assert math.isfinite(vac)
         assert 0 < vac < 1.0
+
+
+# --------------------------------------------------------------------------- stalls
+
+
+def test_stall_log_notes_only_wake_ups_later_than_its_threshold() -> None:
+    stalls = StallLog(min_stall_s=0.05, max_credit_s=1.0)
+    assert stalls.note(due_s=1.0, woke_s=1.04) == 0.0  # jitter, not a stall
+    assert stalls.credit_s(0.0, 2.0) == 0.0
+    assert stalls.note(due_s=2.0, woke_s=2.3) == pytest.approx(0.3)
+    assert stalls.credit_s(0.0, 3.0) == pytest.approx(0.3)
+
+
+def test_stall_log_credits_the_overlap_with_the_datas_age_at_most_max_credit() -> None:
+    stalls = StallLog(min_stall_s=0.05, max_credit_s=0.25)
+    stalls.note(1.0, 1.1)
+    stalls.note(2.0, 2.2)
+    # Only what falls between the read and now counts.
+    assert stalls.credit_s(1.05, 1.5) == pytest.approx(0.05)
+    assert stalls.credit_s(1.5, 2.1) == pytest.approx(0.1)
+    assert stalls.credit_s(1.5, 3.0) == pytest.approx(0.2)
+    assert stalls.credit_s(2.5, 3.0) == 0.0
+    # Both stalls (0.3 s) are more than max_credit_s.
+    assert stalls.credit_s(0.0, 3.0) == pytest.approx(0.25)
+
+
+def test_a_link_on_its_own_credits_no_stall(cfg: LoadedConfig) -> None:
+    link = PlcLink("conveyor", cfg.endpoint("conveyor"), cfg.register_map("conveyor"))
+    link.stalls.note(0.0, 100.0)
+    assert link.stalls.credit_s(0.0, 100.0) == 0.0
+
+
+async def test_data_aged_by_a_stall_of_this_process_is_judged_without_it(
+    cfg: LoadedConfig, line: SimulatedLine
+) -> None:
+    """A poll that fails after this process was stalled keeps the last good values STALE
+    while their age less the stall is inside the stale window (the PLC was not asked
+    meanwhile), never longer than the window plus max_credit_s; live_age_s says the same."""
+    now = [0.0]
+    async with open_link(cfg, "conveyor", line.cnv_port, clock=lambda: now[0]) as link:
+        stale_after = link.endpoint.stale_after_s
+        link.stalls = StallLog(min_stall_s=0.05, max_credit_s=stale_after)
+        good = await poll_until(link, lambda s: s.ok)
+        line.faults.link_loss("conveyor", 1.0)
+        await eventually(lambda: not link.connected)
+        # Stalled from 0.01 to 1.2 stale windows: the data is 1.3 windows old, 0.3 live.
+        link.stalls.note(0.01 * stale_after, 1.2 * stale_after)
+        now[0] = 1.3 * stale_after
+        snap = await link.poll()
+        assert snap.get("tension").quality is Quality.STALE
+        assert snap.value("tension") == good.value("tension")
+        assert link.live_age_s(good, now[0]) == pytest.approx(0.3 * stale_after)
+        # Past the window plus the credit (at most one window): unknown, stall or not.
+        now[0] = 2.01 * stale_after
+        snap = await link.poll()
+        assert snap.get("tension").quality is Quality.COMM_FAIL
+        assert link.live_age_s(good, now[0]) >= stale_after

@@ -88,6 +88,7 @@ FAMILIES: dict[str, tuple[str, str, frozenset[str]]] = {
     "linectl_control_cycle_duration_seconds": ("histogram", "seconds", frozenset({"le"})),
     "linectl_control_cycle_lateness_seconds": ("histogram", "seconds", frozenset({"le"})),
     "linectl_control_cycles_missed": ("counter", "", frozenset()),
+    "linectl_control_stalls": ("counter", "", frozenset()),
     "linectl_modbus_request_duration_seconds": (
         "histogram",
         "seconds",
@@ -298,20 +299,24 @@ def test_missed_cycles_and_link_counters_advance_by_difference(
     svc: FakeService, metrics: LineMetrics
 ) -> None:
     svc.stats.missed = 2
+    svc.stats.stalls = 1
     svc.acc.stats.errors["timeout"] = 3
     svc.cnv.stats.reconnects = 1
     svc.acc.connected = True
     svc.cycle()
     svc.cycle()
     assert value(metrics, "linectl_control_cycles_missed_total") == 2
+    assert value(metrics, "linectl_control_stalls_total") == 1
     assert value(metrics, "linectl_modbus_errors_total", plc="accelerator", kind="timeout") == 3
     assert value(metrics, "linectl_modbus_reconnects_total", plc="conveyor") == 1
     svc.stats.missed = 5
+    svc.stats.stalls = 3
     svc.acc.stats.errors["timeout"] = 4
     svc.acc.stats.errors["protocol"] = 1
     svc.acc.connected = False
     svc.cycle()
     assert value(metrics, "linectl_control_cycles_missed_total") == 5
+    assert value(metrics, "linectl_control_stalls_total") == 3
     assert value(metrics, "linectl_modbus_errors_total", plc="accelerator", kind="timeout") == 4
     assert value(metrics, "linectl_modbus_errors_total", plc="accelerator", kind="protocol") == 1
     assert value(metrics, "linectl_modbus_connected", plc="accelerator") == 0
@@ -651,6 +656,7 @@ async def test_line_service_scrape_end_to_end(tmp_path: Path) -> None:
     assert one("linectl_control_cycle_duration_seconds_count") == svc.stats.cycles
     assert one("linectl_control_cycle_lateness_seconds_count") == svc.stats.cycles
     assert one("linectl_control_cycles_missed_total") == svc.stats.missed
+    assert one("linectl_control_stalls_total") == svc.stats.stalls
     assert sum(s.value for s in fams["linectl_metres"].samples) == svc.records_written
     for link in (svc.acc, svc.cnv):
         answered = link.stats.requests - sum(link.stats.errors.values())

@@ -18,7 +18,8 @@ while the line ran at speed, until their own watchdogs made the line safe:
 - both watchdogs run the same timeout (or the conveyor's is the longer), so the beam is
   off before the conveyor's watchdog starts the ramp down, but for the skew between the
   two links' last heartbeats. linectl bounds that skew: while it lives, conveyor data
-  older than `stale_after_s` takes the beam off within two cycles.
+  older than `stale_after_s` takes the beam off within two cycles, its age counted
+  without linectl's own stalls (at most `stall_credit_s` of them: modbus.link.StallLog).
 
 Then, while the beam was on, the current was at most `i_hi_ma` and the cable ran at
 `v_low_m_min` or faster, so each metre of cable that crossed a pass took at most
@@ -113,13 +114,23 @@ class LinkTiming:
     cycle_s: float
     cnv_stale_after_s: float
     cnv_timeout_s: float
+    stall_credit_s: float
+    """At most this much of the conveyor data's age is left out as linectl's own stall
+    (LineConfig.stall_credit_s)."""
 
     @property
     def skew_s(self) -> float:
         """How much earlier than the accelerator's the conveyor's last heartbeat can be
         while the beam is on (linectl takes the beam off on stale conveyor data within
-        two cycles), plus a PLC scan for the watchdogs themselves."""
-        return self.cnv_stale_after_s + self.cnv_timeout_s + 2 * self.cycle_s + WATCHDOG_JITTER_S
+        two cycles; stale counted without its own stalls, so later by up to their credit),
+        plus a PLC scan for the watchdogs themselves."""
+        return (
+            self.cnv_stale_after_s
+            + self.stall_credit_s
+            + self.cnv_timeout_s
+            + 2 * self.cycle_s
+            + WATCHDOG_JITTER_S
+        )
 
 
 @dataclass(frozen=True, slots=True)

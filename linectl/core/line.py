@@ -1641,6 +1641,7 @@ class Line:
                 self.cfg.line.cycle_period_s,
                 self.cfg.line.conveyor.stale_after_s,
                 self.cfg.line.conveyor.timeout_s,
+                self.cfg.line.stall_credit_s,
             ),
         )
         if isinstance(bound, str):

@@ -3,7 +3,7 @@
 `linectl.modbus.link` is the only controller module that imports pymodbus.
 """
 
-from linectl.modbus.link import BlockRead, LinkStats, PlcLink, Snapshot
+from linectl.modbus.link import BlockRead, LinkStats, PlcLink, Snapshot, StallLog
 from linectl.modbus.plan import Block, WriteRun, decode_block, plan_reads, plan_writes
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "LinkStats",
     "PlcLink",
     "Snapshot",
+    "StallLog",
     "WriteRun",
     "decode_block",
     "plan_reads",

@@ -88,6 +88,51 @@ EXCEPTION_NAMES: Final[dict[int, str]] = {
 }
 
 
+# --------------------------------------------------------------------------- stalls
+
+
+class StallLog:
+    """When this process was not running although it was due to: the event loop stalled
+    (the host starved it of CPU, a long synchronous call, the VM paused).
+
+    The control cycle notes each wake-up that came later than due by more than
+    `min_stall_s` (`note`). Data that aged while the controller itself was stalled is not
+    the PLC's silence: the PLC's answer may have been waiting in the socket, and a request
+    whose timer fired during the stall never had its chance. Such data is judged by its
+    age less the stall (`credit_s`), at most `max_credit_s` of it: data older than the
+    stale window plus that is never used, however long the stall (past the PLC's
+    watchdog timeout the PLCs have made the line safe by themselves, and the world the
+    data describes has changed). A stall delays the "PLC lost" judgment only of a PLC
+    that went silent during it, and by at most `max_credit_s`.
+    """
+
+    __slots__ = ("_spans", "max_credit_s", "min_stall_s")
+
+    def __init__(self, min_stall_s: float, max_credit_s: float, keep: int = 32) -> None:
+        self.min_stall_s = min_stall_s
+        self.max_credit_s = max_credit_s
+        self._spans: deque[tuple[float, float]] = deque(maxlen=keep)
+
+    def note(self, due_s: float, woke_s: float) -> float:
+        """The loop was due at `due_s` and ran at `woke_s`: a stall when later than
+        `min_stall_s`. Returns the stall noted (0.0 when none)."""
+        late_s = woke_s - due_s
+        if late_s <= self.min_stall_s:
+            return 0.0
+        self._spans.append((due_s, woke_s))
+        return late_s
+
+    def credit_s(self, since_s: float, now_s: float) -> float:
+        """How long this process was stalled between `since_s` and `now_s` (the noted
+        stalls' overlap with that span), at most `max_credit_s`."""
+        total = 0.0
+        for start, end in reversed(self._spans):
+            if end <= since_s:
+                break  # noted in order: the rest ended earlier still
+            total += max(0.0, min(end, now_s) - max(start, since_s))
+        return min(total, self.max_credit_s)
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -334,6 +379,7 @@ class PlcLink:
         *,
         clock: Callable[[], float] = time.monotonic,
         heartbeat_field: str | None = HEARTBEAT_FIELD,
+        stalls: StallLog | None = None,
     ) -> None:
         if register_map.plc != name:
             raise LocalError(f"link {name!r} given the register map of {register_map.plc!r}")
@@ -343,6 +389,10 @@ class PlcLink:
         self.blocks: tuple[Block, ...] = plan_reads(register_map, endpoint.max_gap)
         self.stats = LinkStats()
         self._clock = clock
+        self.stalls = stalls or StallLog(min_stall_s=math.inf, max_credit_s=0.0)
+        """This process's stalls, on the link's clock: the data's age less them is what
+        tells a silent PLC (`live_age_s`). The control cycle notes them into the log it
+        shares with its links; a link on its own credits none."""
         self._client: AsyncModbusTcpClient | None = None
         self._generation = 0  # tells a stale client's disconnect callback from the current's
         self._lost = asyncio.Event()
@@ -443,6 +493,12 @@ class PlcLink:
     def now(self) -> float:
         """The link's clock (the time base of its snapshots' host times)."""
         return self._clock()
+
+    def live_age_s(self, snap: Snapshot, now_s: float) -> float:
+        """How long the PLC has not given data, at `now_s`: the snapshot's age (its
+        oldest block's) less the time this process was stalled meanwhile (`stalls`)."""
+        age = snap.age_s(now_s)
+        return age - self.stalls.credit_s(now_s - age, now_s) if math.isfinite(age) else age
 
     @property
     def answering(self) -> bool:
@@ -606,6 +662,10 @@ class PlcLink:
             if self._client is not client:  # the PLC closed the socket meanwhile
                 self._fail(client, "disconnect", f"connection lost during FC{fc}", exc)
             msg = f"no answer within {self.endpoint.timeout_s} s (FC{fc})"
+            waited_s = time.perf_counter() - t0
+            if waited_s > 2 * self.endpoint.timeout_s:
+                # Its timer fired late: this process was stalled, the PLC may have answered.
+                msg += f", after {waited_s:.3f} s: this process was stalled"
             self._fail(client, "timeout", msg, exc)
         except (ConnectionException, OSError) as exc:
             self._fail(client, "disconnect", f"connection lost (FC{fc}): {exc}", exc)
@@ -718,7 +778,10 @@ class PlcLink:
 
     def _degraded(self, i: int, now: float) -> BlockRead:
         last = self._last_good[i]
-        if last is not None and now - last.host_time_s < self.endpoint.stale_after_s:
+        if last is not None and (
+            now - last.host_time_s - self.stalls.credit_s(last.host_time_s, now)
+            < self.endpoint.stale_after_s
+        ):
             return BlockRead(
                 last.block,
                 last.registers,
