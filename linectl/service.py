@@ -230,12 +230,21 @@ class LineService:
         self.store_path = store_path or cfg.resolve(cfg.line.records.path)
         if links is None:
             links = (
-                PlcLink("accelerator", acc_endpoint or cfg.line.accelerator, cfg.accelerator_map),
-                PlcLink("conveyor", cnv_endpoint or cfg.line.conveyor, cfg.conveyor_map),
+                PlcLink(
+                    "accelerator",
+                    acc_endpoint or cfg.line.accelerator,
+                    cfg.accelerator_map,
+                    clock=clock,
+                ),
+                PlcLink(
+                    "conveyor", cnv_endpoint or cfg.line.conveyor, cfg.conveyor_map, clock=clock
+                ),
             )
         self.acc, self.cnv = links
         # The cycle notes its own late wake-ups (a stall of this process: one whole cycle
-        # late or more); its links judge their data's age without them (StallLog).
+        # late or more); its links judge their data's age without them (StallLog). The
+        # spans are on the service's clock and the links compare them with theirs: one
+        # clock (the links made here are given it; links passed in must share it).
         self.stalls = StallLog(
             min_stall_s=cfg.line.cycle_period_s,
             max_credit_s=cfg.line.stall_credit_s,
