@@ -217,7 +217,10 @@ def mutations(draw: st.DrawFn, doc: dict[str, Any]) -> dict[str, Any]:
             if len(fields) >= 2:
                 a, b = draw(st.lists(st.sampled_from(fields), min_size=2, max_size=2))
                 fa, fb = doc["fields"][a], doc["fields"][b]
-                fa["address"] = fb.get("address", 0) + draw(st.integers(0, 1))
+                base = fb.get("address", 0)
+                # (An earlier change may have made that address a string, a list, None.)
+                shift = draw(st.integers(0, 1)) if isinstance(base, int | float) else 0
+                fa["address"] = base + shift if shift else base
                 fa["table"] = fb.get("table", "input")
                 continue
         path = draw(st.sampled_from(paths))
