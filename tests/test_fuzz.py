@@ -219,8 +219,8 @@ def mutations(draw: st.DrawFn, doc: dict[str, Any]) -> dict[str, Any]:
                 fa, fb = doc["fields"][a], doc["fields"][b]
                 base = fb.get("address", 0)
                 # (An earlier change may have made that address a string, a list, None.)
-                shift = draw(st.integers(0, 1)) if isinstance(base, int | float) else 0
-                fa["address"] = base + shift if shift else base
+                numeric = isinstance(base, int | float)
+                fa["address"] = base + draw(st.integers(0, 1)) if numeric else base
                 fa["table"] = fb.get("table", "input")
                 continue
         path = draw(st.sampled_from(paths))

@@ -498,7 +498,11 @@ class PlcLink:
         """How long the PLC has not given data, at `now_s`: the snapshot's age (its
         oldest block's) less the time this process was stalled meanwhile (`stalls`)."""
         age = snap.age_s(now_s)
-        return age - self.stalls.credit_s(now_s - age, now_s) if math.isfinite(age) else age
+        return self._live_age_s(now_s - age, now_s) if math.isfinite(age) else age
+
+    def _live_age_s(self, host_time_s: float, now_s: float) -> float:
+        """The age at `now_s` of data read at `host_time_s`, less this process's stalls."""
+        return now_s - host_time_s - self.stalls.credit_s(host_time_s, now_s)
 
     @property
     def answering(self) -> bool:
@@ -778,9 +782,9 @@ class PlcLink:
 
     def _degraded(self, i: int, now: float) -> BlockRead:
         last = self._last_good[i]
-        if last is not None and (
-            now - last.host_time_s - self.stalls.credit_s(last.host_time_s, now)
-            < self.endpoint.stale_after_s
+        if (
+            last is not None
+            and self._live_age_s(last.host_time_s, now) < self.endpoint.stale_after_s
         ):
             return BlockRead(
                 last.block,
